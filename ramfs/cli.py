@@ -1,0 +1,117 @@
+"""The ``ramfs`` command line. Errors print one line and exit non-zero; no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ramfs import __version__
+from ramfs.errors import RamfsError
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1  # check found problems
+EXIT_ERROR = 2  # could not do what was asked
+
+EPILOG = """examples:
+  ramfs info /var/lib/libvirt/qemu/save/vm.save
+  ramfs info --json vm.save | jq .blocks
+  ramfs check vm.save
+"""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args) -> int:
+    from ramfs.image import open_image
+    from ramfs.image.describe import describe
+
+    with open_image(args.image, reads=False) as img:
+        facts = describe(img)
+    if args.json:
+        json.dump(facts, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    lv = facts["libvirt"]
+    rows = [
+        ("image", facts["path"]),
+        ("container", facts["container"] + (f" (libvirt header v{lv['version']})" if lv else "")),
+        ("format", facts["format"] + ("" if not lv else f" (code {lv['format_code']})")),
+        ("encoding", facts["encoding"]),
+    ]
+    if lv:
+        dom = lv["domain"] or {}
+        rows += [("domain", f"{dom.get('name')} ({dom.get('uuid')})"),
+                 ("was running", "yes" if lv["was_running"] else "no"),
+                 ("complete", "yes" if lv["complete"] else "NO (LibvirtQemudPart)")]
+    rows += [
+        ("machine", facts["machine"] or "-"),
+        ("capabilities", ", ".join(facts["capabilities"]) or "-"),
+        ("page size", str(facts["page_size"])),
+        ("RAM total", _size(facts["ram_total"])),
+        ("devices", str(len(facts["devices"])) if facts["devices"] is not None else "- (no vmdesc)"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print()
+    bw = max([len(b["idstr"]) for b in facts["blocks"]] + [5])
+    print(f"{'block':<{bw}}  {'size':>10}  {'populated':>10}  {'pages':>9}")
+    for b in facts["blocks"]:
+        print(f"{b['idstr']:<{bw}}  {_size(b['used_length']):>10}  {_size(b['populated_bytes']):>10}  "
+              f"{b['populated_pages']:>9}")
+    for wmsg in facts["warnings"]:
+        print(f"warning: {wmsg}")
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from ramfs.image.describe import check
+
+    problems = check(args.image)
+    if not problems:
+        print(f"{args.image}: OK")
+        return EXIT_OK
+    for p in problems:
+        print(f"{args.image}: {p}")
+    return EXIT_PROBLEMS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ramfs", description="Read QEMU and libvirt VM save images.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"ramfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("info", help="describe a save image", description="Describe a save image: "
+                       "container, format, machine, capabilities and RAM blocks.")
+    s.add_argument("image")
+    s.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md)")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("check", help="validate a save image's structure",
+                       description="Validate a save image; list each problem and exit 1 if any.")
+    s.add_argument("image")
+    s.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RamfsError as e:
+        print(f"ramfs: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

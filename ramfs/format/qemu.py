@@ -1,0 +1,757 @@
+"""QEMU's migration stream as written to a file: header, configuration, sections, RAM.
+
+Sources (QEMU 10.0): migration/savevm.c (``qemu_savevm_state_header``,
+``vmstate_configuration``, ``save_section_header``, ``save_section_footer``,
+``qemu_savevm_command_send``, ``qemu_loadvm_state_main``), migration/ram.c
+(``ram_save_setup``, ``save_page_header``, ``ram_load_precopy``, ``parse_ramblocks``,
+``parse_ramblock_mapped_ram``). docs/formats.md tells the same in prose.
+
+:func:`parse_stream` walks the whole stream once. It never reads page payloads: for a
+sequential stream it reports each page record to a callback with the file offset of its
+payload, which is what an index needs; for mapped-ram it reads the per-block headers and
+jumps over the page regions.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ramfs.errors import FormatError, TruncatedError, UnsupportedError
+from ramfs.format.source import BytesSource, Cursor, Source, decode_name
+
+# --- file header (savevm.h) ------------------------------------------------------------
+QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
+QEMU_VM_FILE_VERSION_COMPAT = 0x00000002  # rejected by QEMU: "SaveVM v2 format is obsolete"
+QEMU_VM_FILE_VERSION = 0x00000003
+QEMU_VM_FILE_MAGIC_BYTES = b"QEVM"
+
+
+class SectionType(enum.IntEnum):
+    """Top-level record types (savevm.h ``QEMU_VM_*``)."""
+
+    EOF = 0x00
+    SECTION_START = 0x01
+    SECTION_PART = 0x02
+    SECTION_END = 0x03
+    SECTION_FULL = 0x04
+    SUBSECTION = 0x05
+    VMDESCRIPTION = 0x06
+    CONFIGURATION = 0x07
+    COMMAND = 0x08
+    SECTION_FOOTER = 0x7E
+
+
+class MigCmd(enum.IntEnum):
+    """``enum qemu_vm_cmd`` (savevm.c); lengths from ``mig_cmd_args`` (-1: variable)."""
+
+    INVALID = 0
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    PACKAGED = 7
+    ENABLE_COLO = 8
+    POSTCOPY_RESUME = 9
+    RECV_BITMAP = 10
+    SWITCHOVER_START = 11
+
+
+MIG_CMD_LEN = {
+    MigCmd.OPEN_RETURN_PATH: (0,), MigCmd.PING: (4,), MigCmd.POSTCOPY_ADVISE: (0, 16),
+    MigCmd.POSTCOPY_LISTEN: (0,), MigCmd.POSTCOPY_RUN: (0,), MigCmd.POSTCOPY_RAM_DISCARD: None,
+    MigCmd.PACKAGED: (4,), MigCmd.ENABLE_COLO: (0,), MigCmd.POSTCOPY_RESUME: (0,),
+    MigCmd.RECV_BITMAP: None, MigCmd.SWITCHOVER_START: (0,),
+}
+
+# --- configuration section (savevm.c vmstate_configuration) -----------------------------
+SUBSECTION_TARGET_PAGE_BITS = "configuration/target-page-bits"
+SUBSECTION_CAPABILITIES = "configuration/capabilities"
+SUBSECTION_UUID = "configuration/uuid"
+CAP_X_IGNORE_SHARED = "x-ignore-shared"
+CAP_MAPPED_RAM = "mapped-ram"
+# The capabilities QEMU 10.0 validates and therefore lists in the stream, in
+# MigrationCapability enum order (options.c should_validate_capability).
+VALIDATED_CAPABILITIES = (CAP_X_IGNORE_SHARED, CAP_MAPPED_RAM)
+DEFAULT_TARGET_PAGE_BITS = 12  # x86 (target/i386/cpu-param.h); the subsection is then absent
+MAX_MACHINE_NAME = 256  # machine type names are short; bounds a hostile length field
+MAX_CAPABILITIES = 64
+
+# --- RAM section (ram.c) -----------------------------------------------------------------
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4  # ram_mig_init: register_savevm_live("ram", 0, 4, ...)
+RAM_SAVE_FLAG_FULL = 0x01  # obsolete; rejected
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80  # RDMA
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100  # removed in QEMU 9.1
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+# --- mapped-ram (ram.c struct MappedRamHeader, mapped_ram_setup_ramblock) ----------------
+MAPPED_RAM_HDR_VERSION = 1
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # QEMU_PACKED: version, page_size, bitmap, pages
+assert MAPPED_RAM_HEADER.size == 28
+
+# The vmdesc JSON is ~100 KiB for a typical guest; refuse to hold absurd ones in memory.
+MAX_VMDESC_BYTES = 64 << 20
+
+_BE64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    offset: int
+    machine: str
+    target_page_bits: int | None
+    capabilities: tuple[str, ...]
+    uuid: bytes | None
+    end: int
+
+    @property
+    def page_bits(self) -> int:
+        return self.target_page_bits or DEFAULT_TARGET_PAGE_BITS
+
+
+@dataclass(frozen=True)
+class MappedRamHeader:
+    offset: int  # where the 28 bytes sit in the file
+    version: int
+    page_size: int
+    bitmap_offset: int  # absolute file offsets (they include a libvirt prefix)
+    pages_offset: int
+
+    @property
+    def stored(self) -> bool:
+        """Post-10.0 writers give ignored (shared) blocks 0/0 offsets and no region."""
+        return not (self.bitmap_offset == 0 and self.pages_offset == 0)
+
+
+@dataclass(frozen=True)
+class RamBlockRecord:
+    index: int
+    idstr: str
+    used_length: int
+    offset: int  # of the idstr length byte
+    postcopy_page_size: int | None = None
+    ignore_shared_addr: int | None = None
+    mapped: MappedRamHeader | None = None
+
+    def num_pages(self, page_size: int) -> int:
+        return self.used_length // page_size
+
+
+@dataclass(frozen=True)
+class Command:
+    offset: int
+    cmd: int
+    length: int
+
+    @property
+    def name(self) -> str:
+        try:
+            return MigCmd(self.cmd).name
+        except ValueError:
+            return f"cmd{self.cmd}"
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Everything about one QEMU stream except page contents."""
+
+    base: int  # file offset of "QEVM"
+    end: int  # file offset just past the stream (end of file)
+    configuration: Configuration | None
+    page_size: int
+    ram_section_id: int
+    ram_start_offset: int  # the START section header
+    mem_size_total: int
+    blocks: tuple[RamBlockRecord, ...]
+    mapped_ram: bool
+    footers: bool
+    ram_parts: int
+    commands: tuple[Command, ...]
+    ram_end_offset: int  # just past the RAM END section (and its footer)
+    device_offset: int  # first device (FULL) section, or the EOF byte
+    eof_offset: int | None  # the QEMU_VM_EOF byte, when located
+    vmdesc_offset: int | None  # the QEMU_VM_VMDESCRIPTION byte
+    vmdesc: bytes | None  # the JSON text
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return self.configuration.capabilities if self.configuration else ()
+
+    @property
+    def machine(self) -> str | None:
+        return self.configuration.machine if self.configuration else None
+
+    @property
+    def switchover_start(self) -> bool:
+        return any(c.cmd == MigCmd.SWITCHOVER_START for c in self.commands)
+
+    def vmdesc_json(self) -> dict | None:
+        if self.vmdesc is None:
+            return None
+        try:
+            data = json.loads(self.vmdesc)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FormatError(f"vmdesc is not valid JSON: {e}", self.vmdesc_offset) from None
+        if not isinstance(data, dict):
+            raise FormatError("vmdesc JSON is not an object", self.vmdesc_offset)
+        return data
+
+
+PageSink = Callable[[int, int, int], None]
+"""``sink(block_index, page_index, payload_offset)``; offset 0 means a zero page."""
+
+
+def is_qemu_magic(head: bytes) -> bool:
+    return head[:4] == QEMU_VM_FILE_MAGIC_BYTES
+
+
+class _Parser:
+    def __init__(self, source: Source, base: int, end: int | None, on_page: PageSink | None):
+        self.src = source
+        self.cur = Cursor(source, base, end)
+        self.base = base
+        self.on_page = on_page
+        self.warnings: list[str] = []
+        self.footers: bool | None = None
+        self.page_size = 1 << DEFAULT_TARGET_PAGE_BITS
+        self.capabilities: tuple[str, ...] = ()
+        self.blocks: list[RamBlockRecord] = []
+        self.by_name: dict[bytes, int] = {}
+        self.lengths: list[int] = []
+        self.current_block: int | None = None  # CONTINUE carries across sections
+        self.postcopy_advised = False
+        self.mapped = False
+
+    # -- framing -------------------------------------------------------------------
+    def header(self) -> None:
+        cur = self.cur
+        magic = cur.be32("stream magic")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise FormatError(f"not a QEMU migration stream: magic {magic:#010x}", self.base)
+        version = cur.be32("stream version")
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            raise UnsupportedError("QEMU stream version 2 is obsolete (QEMU >= 1.3 writes 3)", self.base + 4)
+        if version != QEMU_VM_FILE_VERSION:
+            raise FormatError(f"unknown QEMU stream version {version}", self.base + 4)
+
+    def configuration(self) -> Configuration | None:
+        cur = self.cur
+        if cur.peek_u8() != SectionType.CONFIGURATION:
+            return None
+        start = cur.pos
+        cur.u8("configuration marker")
+        n = cur.be32("machine name length")
+        if not 0 < n <= MAX_MACHINE_NAME:
+            raise FormatError(f"machine name length {n} is out of range", start + 1)
+        machine = decode_name(cur.read(n, "machine name"), "machine name", start + 5)
+        page_bits = None
+        caps: tuple[str, ...] = ()
+        uuid = None
+        seen: set[str] = set()
+        while cur.peek_u8() == SectionType.SUBSECTION:
+            sub_off = cur.pos
+            cur.u8("subsection marker")
+            name = cur.name("subsection name")
+            if name in seen:
+                raise FormatError(f"configuration subsection {name!r} appears twice", sub_off)
+            seen.add(name)
+            version = cur.be32("subsection version")
+            if version != 1:
+                raise UnsupportedError(f"configuration subsection {name!r} version {version} (expected 1)", sub_off)
+            if name == SUBSECTION_TARGET_PAGE_BITS:
+                page_bits = cur.be32("target page bits")
+                if not 8 <= page_bits <= 16:
+                    raise FormatError(f"target-page-bits {page_bits} is out of range (8..16)", cur.pos - 4)
+            elif name == SUBSECTION_CAPABILITIES:
+                count = cur.be32("capability count")
+                if count > MAX_CAPABILITIES:
+                    raise FormatError(f"capability count {count} is implausible", cur.pos - 4)
+                caps = tuple(cur.name("capability name") for _ in range(count))
+            elif name == SUBSECTION_UUID:
+                uuid = cur.read(16, "uuid")
+            else:
+                # vmstate_subsection_load fails with -ENOENT on an unknown name.
+                raise FormatError(f"unknown configuration subsection {name!r}", sub_off)
+        conf = Configuration(offset=start, machine=machine, target_page_bits=page_bits,
+                             capabilities=caps, uuid=uuid, end=cur.pos)
+        self.page_size = 1 << conf.page_bits
+        self.capabilities = caps
+        self.mapped = CAP_MAPPED_RAM in caps
+        for cap in caps:
+            if cap not in VALIDATED_CAPABILITIES:
+                self.warnings.append(f"configuration lists capability {cap!r}, unknown to QEMU 10.0")
+        return conf
+
+    def footer(self, section_id: int, what: str) -> None:
+        cur = self.cur
+        start = cur.pos
+        has = cur.peek_u8() == SectionType.SECTION_FOOTER
+        if self.footers is None:
+            self.footers = has
+        elif has != self.footers:
+            raise FormatError(f"section footer {'present' if has else 'missing'} after {what}, "
+                              f"unlike earlier sections", start)
+        if has:
+            cur.u8("footer marker")
+            fid = cur.be32("footer section id")
+            if fid != section_id:
+                raise FormatError(f"footer of {what} names section {fid}, expected {section_id}", start)
+
+    def command(self, start: int) -> Command:
+        cur = self.cur
+        cmd = cur.be16("command")
+        length = cur.be16("command length")
+        if cmd == 0 or cmd > max(MigCmd):
+            raise FormatError(f"unknown migration command {cmd}", start)
+        allowed = MIG_CMD_LEN[MigCmd(cmd)]
+        if allowed is not None and length not in allowed:
+            raise FormatError(f"command {MigCmd(cmd).name} has length {length}, expected {allowed}", start)
+        cur.skip(length, f"command {MigCmd(cmd).name}")
+        if cmd == MigCmd.POSTCOPY_ADVISE:
+            self.postcopy_advised = True
+        if cmd in (MigCmd.PACKAGED, MigCmd.POSTCOPY_LISTEN, MigCmd.POSTCOPY_RUN):
+            raise UnsupportedError(f"postcopy command {MigCmd(cmd).name} in a save file", start)
+        return Command(start, cmd, length)
+
+    # -- RAM setup (START payload) ---------------------------------------------------
+    def ram_setup(self) -> int:
+        cur = self.cur
+        start = cur.pos
+        v = cur.be64("RAM MEM_SIZE record")
+        ps = self.page_size
+        flags = v & (ps - 1)
+        if flags != RAM_SAVE_FLAG_MEM_SIZE:
+            raise FormatError(f"RAM section starts with flags {flags:#x}, expected MEM_SIZE", start)
+        total = v & ~(ps - 1)
+        seen = 0
+        while seen < total:
+            self.block(len(self.blocks))
+            seen += self.blocks[-1].used_length
+            if seen > total:
+                raise FormatError(f"RAM block lengths add up past MEM_SIZE {total:#x}", self.blocks[-1].offset)
+        if not self.blocks:
+            raise FormatError("RAM section lists no blocks (MEM_SIZE 0)", start)
+        return total
+
+    def block(self, index: int) -> None:
+        cur = self.cur
+        start = cur.pos
+        n = cur.u8("RAM block idstr length")
+        if n == 0:
+            raise FormatError("RAM block with an empty idstr", start)
+        raw = cur.read(n, "RAM block idstr")
+        idstr = decode_name(raw, "RAM block idstr", start)
+        if raw in self.by_name:
+            raise FormatError(f"RAM block {idstr!r} is listed twice", start)
+        used = cur.be64(f"used_length of {idstr!r}")
+        ps = self.page_size
+        if used == 0 or used % ps:
+            raise FormatError(f"RAM block {idstr!r} used_length {used:#x} is not a non-zero "
+                              f"multiple of the page size {ps}", start + 1 + n)
+        pc_size = None
+        if self.postcopy_advised and not self.mapped:
+            # ram_save_setup writes the block page size only for hugepage-backed blocks under
+            # postcopy. It starts with a zero byte where an idstr length would be non-zero.
+            buf, i = cur.window(8)
+            if len(buf) - i == 8:
+                cand = _BE64.unpack_from(buf, i)[0]
+                if cand >= ps and cand & (cand - 1) == 0 and cand <= 1 << 40 and buf[i] == 0:
+                    pc_size = cur.be64("postcopy page size")
+        addr = cur.be64(f"x-ignore-shared addr of {idstr!r}") if CAP_X_IGNORE_SHARED in self.capabilities else None
+        mapped = self.mapped_header(idstr, used) if self.mapped else None
+        self.by_name[raw] = index
+        self.lengths.append(used)
+        self.blocks.append(RamBlockRecord(index=index, idstr=idstr, used_length=used, offset=start,
+                                          postcopy_page_size=pc_size, ignore_shared_addr=addr,
+                                          mapped=mapped))
+
+    def mapped_header(self, idstr: str, used: int) -> MappedRamHeader:
+        cur = self.cur
+        at = cur.pos
+        version, page_size, bitmap_off, pages_off = MAPPED_RAM_HEADER.unpack(
+            cur.read(MAPPED_RAM_HEADER.size, f"mapped-ram header of {idstr!r}"))
+        hdr = MappedRamHeader(offset=at, version=version, page_size=page_size,
+                              bitmap_offset=bitmap_off, pages_offset=pages_off)
+        if version > MAPPED_RAM_HDR_VERSION:
+            raise UnsupportedError(f"mapped-ram header version {version} of {idstr!r} (expected <= 1)", at)
+        if page_size != self.page_size:
+            raise FormatError(f"mapped-ram page_size {page_size} of {idstr!r} differs from the "
+                              f"target page size {self.page_size}", at + 4)
+        if not hdr.stored:
+            return hdr  # no region follows: the stream continues after the header
+        num_pages = used // page_size
+        bitmap_len = bitmap_size(num_pages)
+        header_end = at + MAPPED_RAM_HEADER.size
+        if bitmap_off < header_end:
+            raise FormatError(f"bitmap of {idstr!r} at {bitmap_off:#x} overlaps its header", at + 12)
+        if bitmap_off + bitmap_len > pages_off:
+            raise FormatError(f"bitmap of {idstr!r} ({bitmap_off:#x}+{bitmap_len:#x}) overlaps its "
+                              f"pages at {pages_off:#x}", at + 12)
+        if pages_off % page_size:
+            raise FormatError(f"pages of {idstr!r} at {pages_off:#x} are not page-aligned", at + 20)
+        if pages_off % MAPPED_RAM_FILE_OFFSET_ALIGNMENT:
+            self.warnings.append(f"pages of {idstr!r} at {pages_off:#x} are not 1 MiB aligned "
+                                 f"(QEMU aligns them for O_DIRECT)")
+        if bitmap_off != header_end:
+            self.warnings.append(f"bitmap of {idstr!r} at {bitmap_off:#x} does not follow its header "
+                                 f"at {header_end:#x}")
+        region_end = pages_off + used
+        if cur.end is not None and region_end > cur.end:
+            raise TruncatedError(f"pages of {idstr!r} end at {region_end:#x}, past the end of the "
+                                 f"file at {cur.end:#x}", at + 20)
+        # parse_ramblock_mapped_ram: the stream continues exactly at the end of the region.
+        cur.seek(region_end)
+        return hdr
+
+    # -- page records (PART/END payloads) --------------------------------------------
+    def records(self) -> None:
+        """Consume page records up to and including EOS."""
+        cur = self.cur
+        ps = self.page_size
+        mask = ps - 1
+        need = 8 + 1 + 255 + ps
+        by_name = self.by_name
+        lengths = self.lengths
+        sink = self.on_page
+        mapped = self.mapped
+        block = self.current_block
+        unpack = _BE64.unpack_from
+        page_kinds = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
+        buf, i = cur.window(need)
+        base = cur.buf_start
+        end = len(buf)
+        try:
+            while True:
+                if end - i < need:
+                    cur.pos = base + i
+                    buf, i = cur.window(need)
+                    base = cur.buf_start
+                    end = len(buf)
+                if end - i < 8:
+                    raise TruncatedError("data ends inside a RAM page record header", base + i)
+                rec = base + i
+                v = unpack(buf, i)[0]
+                i += 8
+                flags = v & mask
+                kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+                if kind in page_kinds and not mapped:
+                    if flags & RAM_SAVE_FLAG_CONTINUE:
+                        if block is None:
+                            raise FormatError("RAM page record with CONTINUE but no block before it", rec)
+                    else:
+                        n = buf[i] if i < end else -1
+                        if n < 0 or end - i < 1 + n:
+                            raise TruncatedError("data ends inside a RAM page record idstr", rec + 8)
+                        name = buf[i + 1 : i + 1 + n]
+                        i += 1 + n
+                        block = by_name.get(name)
+                        if block is None:
+                            raise FormatError(f"RAM page record names unknown block {name!r}", rec)
+                    addr = v - flags
+                    if addr >= lengths[block]:
+                        raise FormatError(f"RAM page offset {addr:#x} is past the end of block "
+                                          f"{self.blocks[block].idstr!r} ({lengths[block]:#x})", rec)
+                    if kind == RAM_SAVE_FLAG_ZERO:
+                        if i >= end:
+                            raise TruncatedError("data ends inside a ZERO page record", base + i)
+                        if buf[i] != 0:
+                            raise FormatError(f"ZERO page record with fill byte {buf[i]:#x} (must be 0)", base + i)
+                        i += 1
+                        if sink is not None:
+                            sink(block, addr // ps, 0)
+                    else:
+                        if end - i < ps:
+                            raise TruncatedError(f"data ends inside the payload of page {addr:#x} of "
+                                                 f"{self.blocks[block].idstr!r}", base + i)
+                        if sink is not None:
+                            sink(block, addr // ps, base + i)
+                        i += ps
+                elif kind == RAM_SAVE_FLAG_EOS:
+                    break
+                elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH and not mapped:
+                    continue  # a multifd sync point; carries nothing in a file
+                elif kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_COMPRESS_PAGE) and not mapped:
+                    name = {RAM_SAVE_FLAG_XBZRLE: "XBZRLE", RAM_SAVE_FLAG_HOOK: "HOOK (RDMA)",
+                            RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE"}[kind]
+                    raise UnsupportedError(f"RAM record uses {name} encoding, which ramfs does not "
+                                           f"support (save without that capability)", rec)
+                elif mapped:
+                    raise FormatError(f"RAM record with flags {flags:#x} in a mapped-ram stream "
+                                      f"(only EOS may appear after the block list)", rec)
+                else:
+                    raise FormatError(f"RAM record with unknown flag combination {flags:#x}", rec)
+        finally:
+            self.current_block = block
+        cur.pos = base + i
+
+    # -- whole stream ------------------------------------------------------------------
+    def parse(self) -> StreamLayout:
+        self.header()
+        conf = self.configuration()
+        cur = self.cur
+        ram_id = None
+        ram_start = None
+        total = 0
+        parts = 0
+        commands: list[Command] = []
+        ram_end = None
+        device_offset = None
+        eof = None
+        if CAP_X_IGNORE_SHARED in self.capabilities and self.mapped:
+            self.warnings.append("mapped-ram with x-ignore-shared: QEMU 10.0.2 cannot restore "
+                                 "such images (fixed after 10.0)")
+        while True:
+            start = cur.pos
+            t = cur.u8("section type")
+            if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+                sid = cur.be32("section id")
+                idstr = cur.name("section idstr")
+                cur.be32("instance id")
+                version = cur.be32("section version")
+                if t == SectionType.SECTION_FULL:
+                    if ram_end is None:
+                        raise UnsupportedError(
+                            f"device section {idstr!r} comes before the end of RAM (virtio-mem "
+                            f"early setup?): its length cannot be known", start)
+                    device_offset = start
+                    break
+                if idstr != RAM_SECTION_IDSTR:
+                    raise UnsupportedError(f"iterable section {idstr!r} besides RAM: ramfs cannot "
+                                           f"delimit it", start)
+                if ram_id is not None:
+                    raise FormatError("second RAM START section", start)
+                if version != RAM_SECTION_VERSION:
+                    raise UnsupportedError(f"RAM section version {version} (expected 4)", start)
+                ram_id, ram_start = sid, start
+                total = self.ram_setup()
+                self.records()
+                self.footer(sid, "RAM START")
+            elif t in (SectionType.SECTION_PART, SectionType.SECTION_END):
+                sid = cur.be32("section id")
+                if ram_id is None or sid != ram_id:
+                    raise FormatError(f"section {'PART' if t == 2 else 'END'} for unknown section id "
+                                      f"{sid}", start)
+                if ram_end is not None:
+                    raise FormatError("RAM section continues after its END", start)
+                self.records()
+                self.footer(sid, "RAM PART" if t == SectionType.SECTION_PART else "RAM END")
+                if t == SectionType.SECTION_PART:
+                    parts += 1
+                else:
+                    ram_end = cur.pos
+            elif t == SectionType.COMMAND:
+                commands.append(self.command(start))
+            elif t == SectionType.EOF:
+                if ram_id is None:
+                    raise FormatError("stream ends (QEMU_VM_EOF) without a RAM section", start)
+                if ram_end is None:
+                    raise FormatError("stream ends (QEMU_VM_EOF) before the RAM END section", start)
+                device_offset = eof = start
+                break
+            elif t == SectionType.SECTION_FOOTER:
+                raise FormatError("section footer where a section should start", start)
+            else:
+                raise FormatError(f"unknown section type {t:#x}", start)
+        if ram_id is None:
+            raise FormatError("no RAM section before the device state", start)
+        vmdesc_offset, vmdesc, end = self.tail(device_offset, eof)
+        if vmdesc_offset is not None:
+            eof = vmdesc_offset - 1
+        elif eof is None:
+            self.warnings.append("the end of the device state could not be located "
+                                 "(no VM description after it)")
+        return StreamLayout(
+            base=self.base, end=end, configuration=conf, page_size=self.page_size,
+            ram_section_id=ram_id, ram_start_offset=ram_start, mem_size_total=total,
+            blocks=tuple(self.blocks), mapped_ram=self.mapped, footers=bool(self.footers),
+            ram_parts=parts, commands=tuple(commands), ram_end_offset=ram_end,
+            device_offset=device_offset, eof_offset=eof, vmdesc_offset=vmdesc_offset,
+            vmdesc=vmdesc, warnings=tuple(self.warnings))
+
+    def tail(self, device_offset: int, eof: int | None) -> tuple[int | None, bytes | None, int]:
+        """Locate the VM description: the last thing in the file, after QEMU_VM_EOF.
+
+        Device sections cannot be walked without their vmstate layout, so the description is
+        found from the end: ``0x00 (EOF) 0x06 be32 len`` followed by exactly ``len`` bytes
+        that run to the end of the file. The length must match to the byte; nothing is guessed.
+        """
+        cur = self.cur
+        if cur.end is not None:
+            src, end, origin = self.src, cur.end, 0
+        else:
+            # A stream of unknown length (decompressing): keep at most MAX_VMDESC_BYTES of tail.
+            chunks = bytearray()
+            cur.seek(device_offset)
+            while True:
+                buf, i = cur.window(1 << 20)
+                data = buf[i:]
+                if not data:
+                    break
+                chunks += data
+                cur.pos += len(data)
+                if len(chunks) > 2 * MAX_VMDESC_BYTES:
+                    del chunks[: len(chunks) - MAX_VMDESC_BYTES - 8]
+            end = cur.pos
+            origin = end - len(chunks)
+            src = _OffsetBytes(bytes(chunks), origin)
+        if eof is not None:
+            # No device sections: the description (if any) follows the EOF byte directly.
+            if eof + 1 == end:
+                return None, None, end
+            return self._vmdesc_at(src, eof + 1, end), end
+        lo = max(device_offset + 1, origin + 1, end - 5 - MAX_VMDESC_BYTES)
+        pos = end
+        step = 1 << 16
+        while pos > lo:
+            start = max(lo, pos - step)
+            # Overlap by 5 bytes so a marker straddling two chunks is still seen whole.
+            block = src.read_at(start - 1, pos - start + 1 + 5)
+            j = len(block)
+            while True:
+                j = block.rfind(b"\x06", 0, j)
+                if j < 1:
+                    break
+                p = start - 1 + j
+                if block[j - 1] == 0 and p + 5 <= end and j + 5 <= len(block):
+                    n = struct.unpack_from(">I", block, j + 1)[0]
+                    if p + 5 + n == end:
+                        return p, src.read_at(p + 5, n), end
+            pos = start
+            step = min(step * 4, 16 << 20)
+        return None, None, end
+
+    def _vmdesc_at(self, src: Source, pos: int, end: int) -> tuple[int | None, bytes | None]:
+        head = src.read_at(pos, 5)
+        if len(head) < 5 or head[0] != SectionType.VMDESCRIPTION:
+            self.warnings.append(f"unexpected data after QEMU_VM_EOF at {pos:#x}")
+            return None, None
+        n = struct.unpack_from(">I", head, 1)[0]
+        if pos + 5 + n != end:
+            self.warnings.append(f"VM description length {n} does not reach the end of the file")
+            return None, None
+        if n > MAX_VMDESC_BYTES:
+            self.warnings.append(f"VM description of {n} bytes is too large to read")
+            return None, None
+        return pos, src.read_at(pos + 5, n)
+
+
+class _OffsetBytes:
+    """A bytes tail that answers ``read_at`` with the file offsets it came from."""
+
+    def __init__(self, data: bytes, origin: int):
+        self.data, self.origin = data, origin
+        self.size = origin + len(data)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        i = offset - self.origin
+        if i < 0:
+            raise FormatError("internal: read before the retained stream tail", offset)
+        return self.data[i : i + size]
+
+
+def parse_stream(source: Source, base: int = 0, end: int | None = None,
+                 on_page: PageSink | None = None) -> StreamLayout:
+    """Walk a QEMU stream that starts at ``base``; see the module docstring."""
+    if end is None:
+        end = source.size
+    return _Parser(source, base, end, on_page).parse()
+
+
+# --- bitmaps (ram.c ram_save_file_bmap: a raw dump of the host's unsigned long array) ------
+
+def bitmap_size(num_pages: int) -> int:
+    """``BITS_TO_LONGS(num_pages) * sizeof(unsigned long)`` on a 64-bit host."""
+    return (num_pages + 63) // 64 * 8
+
+
+def bits_beyond(bitmap: bytes, num_pages: int) -> int:
+    """How many bits are set past the last page (QEMU ignores them; check reports them)."""
+    full, rem = divmod(num_pages, 8)
+    count = 0
+    if rem and full < len(bitmap):
+        count += bin(bitmap[full] >> rem).count("1")
+        full += 1
+    tail = bitmap[full:]
+    return count + int.from_bytes(tail, "little").bit_count() if tail else count
+
+
+def populated_count(bitmap: bytes, num_pages: int) -> int:
+    """Set bits among the first ``num_pages`` (LSB-first within little-endian words)."""
+    full, rem = divmod(num_pages, 8)
+    n = int.from_bytes(bitmap[:full], "little").bit_count()
+    if rem:
+        n += bin(bitmap[full] & ((1 << rem) - 1)).count("1")
+    return n
+
+
+def set_runs(bitmap: bytes, first: int, last: int):
+    """Yield ``(start, stop)`` page ranges of set bits within ``[first, last)``."""
+    i = first
+    while i < last:
+        # Skip zero bytes quickly: most of a guest's RAM is often untouched.
+        byte_i = i >> 3
+        b = bitmap[byte_i] >> (i & 7)
+        if b == 0:
+            nxt = _next_nonzero_byte(bitmap, byte_i + 1, (last + 7) >> 3)
+            i = nxt << 3
+            continue
+        # advance to the first set bit
+        i += (b & -b).bit_length() - 1
+        if i >= last:
+            return
+        start = i
+        # find the end of this run of ones
+        while i < last:
+            byte_i = i >> 3
+            b = (~bitmap[byte_i] & 0xFF) >> (i & 7)
+            if b == 0:
+                nxt = _next_non_ff_byte(bitmap, byte_i + 1, (last + 7) >> 3)
+                i = nxt << 3
+                continue
+            i += (b & -b).bit_length() - 1
+            break
+        stop = min(i, last)
+        yield start, stop
+        i = stop
+
+
+def _next_nonzero_byte(bitmap: bytes, i: int, limit: int) -> int:
+    # bytes.find of a non-zero byte is not available; strip zero bytes with lstrip on a slice.
+    chunk = bitmap[i:limit]
+    stripped = chunk.lstrip(b"\0")
+    return limit if not stripped else i + len(chunk) - len(stripped)
+
+
+def _next_non_ff_byte(bitmap: bytes, i: int, limit: int) -> int:
+    chunk = bitmap[i:limit]
+    stripped = chunk.lstrip(b"\xff")
+    return limit if not stripped else i + len(chunk) - len(stripped)
+
+
+def read_bitmap(source: Source, block: RamBlockRecord) -> bytes:
+    """The bitmap bytes of a mapped-ram block (empty if the block is not stored)."""
+    hdr = block.mapped
+    if hdr is None:
+        raise FormatError(f"block {block.idstr!r} has no mapped-ram header")
+    if not hdr.stored:
+        return b""
+    n = bitmap_size(block.used_length // hdr.page_size)
+    data = source.read_at(hdr.bitmap_offset, n)
+    if len(data) != n:
+        raise TruncatedError(f"bitmap of {block.idstr!r} needs {n} bytes, file has {len(data)}",
+                             hdr.bitmap_offset)
+    return data

@@ -1,0 +1,3 @@
+"""The image model: files, indexes, caches and reads. Imports ``ramfs.format`` only."""
+
+from ramfs.image.model import Image, RamBlock, domain_identity, open_image  # noqa: F401

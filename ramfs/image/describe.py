@@ -1,0 +1,109 @@
+"""Facts about an image as plain data: ``ramfs info --json`` and the mount's ``image.json``.
+
+The shape is documented in docs/info-json.md and is a contract for tool authors: fields are
+only ever added.
+"""
+
+from __future__ import annotations
+
+from ramfs import __version__
+from ramfs.errors import FormatError, RamfsError
+from ramfs.image.model import Image, domain_identity, open_image
+
+INFO_SCHEMA_VERSION = 1
+
+
+def describe(image: Image) -> dict:
+    layout = image.layout
+    lv = image.libvirt
+    warnings = list(image.warnings)
+    try:
+        devices = image.devices()
+    except FormatError as e:
+        devices = None
+        warnings.append(str(e))
+    libvirt = None
+    if lv is not None:
+        h = lv.header
+        libvirt = {
+            "magic": h.magic.decode("ascii"),
+            "complete": h.complete,
+            "version": h.version,
+            "data_len": h.data_len,
+            "was_running": h.was_running,
+            "format": h.format.label,
+            "format_code": int(h.format),
+            "cookie_offset": h.cookie_offset,
+            "byteorder": h.byteorder,
+            "stream_offset": h.stream_offset,
+            "domain": domain_identity(lv.domain_xml),
+        }
+    conf = layout.configuration
+    return {
+        "schema_version": INFO_SCHEMA_VERSION,
+        "ramfs_version": __version__,
+        "path": image.path,
+        "size": image.source.size,
+        "container": image.container,
+        "libvirt": libvirt,
+        "format": image.format.label if image.format is not None else "qemu",
+        "encoding": image.encoding,
+        "was_running": image.was_running,
+        "machine": layout.machine,
+        "capabilities": list(layout.capabilities),
+        "page_size": layout.page_size,
+        "target_page_bits": conf.target_page_bits if conf else None,
+        "uuid": conf.uuid.hex() if conf and conf.uuid else None,
+        "ram_total": layout.mem_size_total,
+        "stream": {
+            "offset": layout.base,
+            "ram_section_id": layout.ram_section_id,
+            "footers": layout.footers,
+            "ram_parts": layout.ram_parts,
+            "switchover_start": layout.switchover_start,
+            "commands": [{"offset": c.offset, "name": c.name} for c in layout.commands],
+            "ram_end_offset": layout.ram_end_offset,
+            "device_offset": layout.device_offset,
+            "eof_offset": layout.eof_offset,
+            "vmdesc_offset": layout.vmdesc_offset,
+            "vmdesc_size": len(layout.vmdesc) if layout.vmdesc is not None else None,
+        },
+        "blocks": [
+            {
+                "idstr": b.idstr,
+                "used_length": b.used_length,
+                "page_size": b.page_size,
+                "pages": b.num_pages,
+                "populated_pages": b.populated_pages,
+                "populated_bytes": b.populated_pages * b.page_size,
+                "mapped_ram": None if b.record.mapped is None else {
+                    "header_offset": b.record.mapped.offset,
+                    "header_version": b.record.mapped.version,
+                    "bitmap_offset": b.record.mapped.bitmap_offset,
+                    "pages_offset": b.record.mapped.pages_offset,
+                },
+            }
+            for b in image.blocks
+        ],
+        "devices": None if devices is None else [
+            {"name": d.name, "instance_id": d.instance_id, "version": d.version} for d in devices],
+        "warnings": warnings,
+    }
+
+
+def check(path: str, *, cache=None, use_cache: bool = False) -> list[str]:
+    """Validate an image's structure; return every problem found (empty: the image is sound).
+
+    A structural error stops the walk (what follows cannot be located), so it is the last
+    problem listed; findings QEMU would tolerate (1 MiB misalignment, stray bitmap bits,
+    a missing VM description, an unfinished libvirt save) are listed and the walk goes on.
+    """
+    problems: list[str] = []
+    try:
+        with open_image(path, cache=cache, use_cache=use_cache, reads=False, allow_partial=True) as img:
+            problems.extend(img.warnings)
+            if img.layout.vmdesc is None:
+                problems.append("no VM description (vmdesc) at the end of the stream")
+    except RamfsError as e:
+        problems.append(str(e))
+    return problems

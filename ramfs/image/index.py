@@ -1,0 +1,151 @@
+"""The page index of a sequential image, and its on-disk cache.
+
+A sequential stream says where each page is only by walking it. One scan (which never reads
+page payloads) records, per block, the file offset of each page's final payload; 0 means the
+page reads as zeros (sent as ZERO last, or never sent). The last record wins, as in QEMU.
+
+Memory follows what the image holds, not what it claims: offsets live in chunks of
+``CHUNK_PAGES`` that are allocated only when a PAGE record lands in them, so a hostile
+``used_length`` of 2^60 costs nothing and a 64 GiB guest with 1 GiB of data costs ~2 MiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import sys
+from array import array
+from pathlib import Path
+
+from ramfs.errors import CacheError
+from ramfs.format.qemu import Command, Configuration, MappedRamHeader, RamBlockRecord, StreamLayout
+from ramfs.image.cache import CACHE_FORMAT_VERSION, atomic_tmp
+
+CHUNK_SHIFT = 15  # 32768 pages = 128 MiB of 4 KiB pages per chunk; 256 KiB of offsets
+CHUNK_PAGES = 1 << CHUNK_SHIFT
+CHUNK_MASK = CHUNK_PAGES - 1
+_ZERO_CHUNK = bytes(8 * CHUNK_PAGES)
+
+INDEX_MAGIC = b"RAMFSIDX"
+_INDEX_HEAD = struct.Struct("<8sII")  # magic, format version, json length
+
+
+class PageIndex:
+    """Per block: page number -> payload file offset (0 = zeros)."""
+
+    def __init__(self, num_blocks: int):
+        self.chunks: list[dict[int, array]] = [{} for _ in range(num_blocks)]
+
+    def sink(self, block: int, page: int, offset: int) -> None:
+        chunks = self.chunks[block]
+        c = chunks.get(page >> CHUNK_SHIFT)
+        if c is None:
+            if not offset:
+                return
+            c = chunks[page >> CHUNK_SHIFT] = array("q", _ZERO_CHUNK)
+        c[page & CHUNK_MASK] = offset
+
+    def lookup(self, block: int, page: int) -> int:
+        c = self.chunks[block].get(page >> CHUNK_SHIFT)
+        return c[page & CHUNK_MASK] if c is not None else 0
+
+    def chunk(self, block: int, chunk_no: int) -> array | None:
+        return self.chunks[block].get(chunk_no)
+
+    def populated(self, block: int) -> int:
+        return sum(CHUNK_PAGES - c.count(0) for c in self.chunks[block].values())
+
+    def validate(self, layout: StreamLayout, data_size: int) -> None:
+        """Reject a cache entry whose offsets could not come from this image."""
+        if len(self.chunks) != len(layout.blocks):
+            raise CacheError("index block count differs from the image")
+        limit = data_size - layout.page_size
+        for blk, chunks in zip(layout.blocks, self.chunks):
+            pages = blk.used_length // layout.page_size
+            for no, c in chunks.items():
+                if no < 0 or no << CHUNK_SHIFT >= pages or len(c) != CHUNK_PAGES:
+                    raise CacheError(f"index chunk {no} out of range for {blk.idstr!r}")
+                if min(c) < 0 or max(c) > limit:
+                    raise CacheError(f"index offsets out of range for {blk.idstr!r}")
+
+    # -- persistence -----------------------------------------------------------------
+    def save(self, path: Path, layout: StreamLayout, extra: dict) -> None:
+        meta = {"layout": layout_to_json(layout), "extra": extra,
+                "chunks": [sorted(ch) for ch in self.chunks]}
+        blob = json.dumps(meta).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_tmp(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_INDEX_HEAD.pack(INDEX_MAGIC, CACHE_FORMAT_VERSION, len(blob)))
+                f.write(blob)
+                for ch in self.chunks:
+                    for no in sorted(ch):
+                        c = ch[no]
+                        if sys.byteorder != "little":
+                            c = array("q", c)
+                            c.byteswap()
+                        c.tofile(f)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["PageIndex", StreamLayout, dict]:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_INDEX_HEAD.size)
+                if len(head) != _INDEX_HEAD.size:
+                    raise CacheError("index file is truncated")
+                magic, version, n = _INDEX_HEAD.unpack(head)
+                if magic != INDEX_MAGIC or version != CACHE_FORMAT_VERSION:
+                    raise CacheError("index file has another format")
+                meta = json.loads(f.read(n))
+                layout = layout_from_json(meta["layout"])
+                idx = cls(len(layout.blocks))
+                for b, nos in enumerate(meta["chunks"]):
+                    for no in nos:
+                        c = array("q")
+                        c.fromfile(f, CHUNK_PAGES)
+                        if sys.byteorder != "little":
+                            c.byteswap()
+                        idx.chunks[b][int(no)] = c
+                return idx, layout, meta["extra"]
+        except CacheError:
+            raise
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"index file {path} is unusable: {e}") from None
+
+
+def layout_to_json(layout: StreamLayout) -> dict:
+    d = dataclasses.asdict(layout)
+    d["vmdesc"] = None if layout.vmdesc is None else layout.vmdesc.decode("utf-8", "surrogateescape")
+    if layout.configuration is not None and layout.configuration.uuid is not None:
+        d["configuration"]["uuid"] = layout.configuration.uuid.hex()
+    return d
+
+
+def layout_from_json(d: dict) -> StreamLayout:
+    d = dict(d)
+    conf = d.get("configuration")
+    if conf is not None:
+        conf = dict(conf)
+        conf["capabilities"] = tuple(conf["capabilities"])
+        if conf["uuid"] is not None:
+            conf["uuid"] = bytes.fromhex(conf["uuid"])
+        d["configuration"] = Configuration(**conf)
+    blocks = []
+    for b in d["blocks"]:
+        b = dict(b)
+        if b.get("mapped") is not None:
+            b["mapped"] = MappedRamHeader(**b["mapped"])
+        blocks.append(RamBlockRecord(**b))
+    d["blocks"] = tuple(blocks)
+    d["commands"] = tuple(Command(**c) for c in d["commands"])
+    d["warnings"] = tuple(d["warnings"])
+    if d["vmdesc"] is not None:
+        d["vmdesc"] = d["vmdesc"].encode("utf-8", "surrogateescape")
+    return StreamLayout(**d)

@@ -1,0 +1,432 @@
+"""The image model: open a save image, describe it, and read its RAM blocks.
+
+``open_image`` recognises the container by content (libvirt header or bare ``QEVM``) and
+the RAM encoding by the stream's capabilities, then gives each RAM block a run iterator:
+``runs(offset, size)`` yields ``(file_offset or None, length)`` pieces, ``None`` meaning zeros.
+``Image.read`` turns runs into bytes with as few ``pread`` calls as the layout allows.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ramfs import __version__
+from ramfs.errors import CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError
+from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
+from ramfs.format.qemu import (MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout, bits_beyond,
+                               is_qemu_magic, parse_stream, populated_count, read_bitmap, set_runs)
+from ramfs.format.source import ForwardSource
+from ramfs.image.cache import atomic_tmp, cache_dir, image_key
+from ramfs.image.decompress import Decompressor, SparseSpool
+from ramfs.image.files import FileSource
+from ramfs.image.index import CHUNK_MASK, CHUNK_SHIFT, PageIndex
+
+# Neighbouring payloads closer than this are fetched with one pread and sliced: in a
+# sequential stream consecutive pages sit 8 bytes apart (the next record header).
+GATHER_GAP = 64
+
+
+class RamBlock:
+    """One RAM block of an image. Subclasses know where its pages are."""
+
+    def __init__(self, record: RamBlockRecord, page_size: int, populated_pages: int):
+        self.record = record
+        self.idstr = record.idstr
+        self.index = record.index
+        self.used_length = record.used_length
+        self.page_size = page_size
+        self.num_pages = record.used_length // page_size
+        self.populated_pages = populated_pages
+
+    def page_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int | None]]:
+        """Yield ``(start_page, stop_page, file_offset or None)`` covering ``[first, last)``."""
+        raise NotImplementedError
+
+    def runs(self, offset: int, size: int) -> Iterator[tuple[int | None, int]]:
+        """``(file_offset or None, length)`` pieces for bytes ``[offset, offset+size)``."""
+        end = min(offset + size, self.used_length)
+        if offset >= end:
+            return
+        ps = self.page_size
+        for start, stop, foff in self.page_runs(offset // ps, (end + ps - 1) // ps):
+            a = max(start * ps, offset)
+            b = min(stop * ps, end)
+            yield (None if foff is None else foff + (a - start * ps)), b - a
+
+    def populated_ranges(self) -> Iterator[tuple[int, int]]:
+        """Byte ranges ``(start, end)`` of pages that hold data (coalesced)."""
+        ps = self.page_size
+        cur = None
+        for start, stop, foff in self.page_runs(0, self.num_pages):
+            if foff is None:
+                continue
+            if cur is not None and cur[1] == start * ps:
+                cur = (cur[0], stop * ps)
+            else:
+                if cur is not None:
+                    yield cur
+                cur = (start * ps, stop * ps)
+        if cur is not None:
+            yield cur
+
+
+class MappedRamBlock(RamBlock):
+    """Bit set: the page is at ``pages_offset + i * page_size``; bit clear: zeros."""
+
+    def __init__(self, record: RamBlockRecord, page_size: int, bitmap: bytes):
+        super().__init__(record, page_size, populated_count(bitmap, record.used_length // page_size)
+                         if bitmap else 0)
+        self.bitmap = bitmap
+        self.pages_offset = record.mapped.pages_offset
+
+    def page_runs(self, first, last):
+        pos = first
+        ps = self.page_size
+        if self.bitmap:
+            for a, b in set_runs(self.bitmap, first, last):
+                if a > pos:
+                    yield pos, a, None
+                yield a, b, self.pages_offset + a * ps
+                pos = b
+        if pos < last:
+            yield pos, last, None
+
+
+class IndexedBlock(RamBlock):
+    """A sequential image's block: page offsets come from the index."""
+
+    def __init__(self, record: RamBlockRecord, page_size: int, index: PageIndex):
+        super().__init__(record, page_size, index.populated(record.index))
+        self._index = index
+
+    def page_runs(self, first, last):
+        b = self.index
+        idx = self._index
+        p = first
+        zero_from = None
+        while p < last:
+            chunk = idx.chunk(b, p >> CHUNK_SHIFT)
+            chunk_end = min(last, ((p >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
+            if chunk is None:
+                if zero_from is None:
+                    zero_from = p
+                p = chunk_end
+                continue
+            base = (p >> CHUNK_SHIFT) << CHUNK_SHIFT
+            for q in range(p, chunk_end):
+                off = chunk[q - base]
+                if off:
+                    if zero_from is not None:
+                        yield zero_from, q, None
+                        zero_from = None
+                    yield q, q + 1, off
+                elif zero_from is None:
+                    zero_from = q
+            p = chunk_end
+        if zero_from is not None:
+            yield zero_from, last, None
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    instance_id: int
+    version: int
+    vmsd_name: str | None
+
+
+class Image:
+    """An open save image. Thread-safe for reads (``pread`` only)."""
+
+    def __init__(self, path: str, source: FileSource, libvirt: LibvirtMetadata | None,
+                 layout: StreamLayout, blocks: list[RamBlock], data: FileSource | None,
+                 warnings: list[str], cached: bool):
+        self.path = path
+        self.source = source
+        self.libvirt = libvirt
+        self.layout = layout
+        self.blocks = blocks
+        self.data = data  # where page payloads are read from (the image, or a decompression cache)
+        self.warnings = warnings
+        self.index_from_cache = cached
+        self._by_name = {b.idstr: b for b in blocks}
+
+    # -- description -----------------------------------------------------------------
+    @property
+    def container(self) -> str:
+        return "libvirt" if self.libvirt else "bare"
+
+    @property
+    def format(self) -> SaveFormat | None:
+        return self.libvirt.header.effective_format if self.libvirt else None
+
+    @property
+    def encoding(self) -> str:
+        return "mapped-ram" if self.layout.mapped_ram else "sequential"
+
+    @property
+    def page_size(self) -> int:
+        return self.layout.page_size
+
+    @property
+    def was_running(self) -> bool | None:
+        return self.libvirt.header.was_running if self.libvirt else None
+
+    @property
+    def domain_xml(self) -> str | None:
+        return self.libvirt.domain_xml if self.libvirt else None
+
+    @property
+    def cookie_xml(self) -> str | None:
+        return self.libvirt.cookie_xml if self.libvirt else None
+
+    def block(self, idstr: str) -> RamBlock:
+        try:
+            return self._by_name[idstr]
+        except KeyError:
+            raise RamfsError(f"no RAM block {idstr!r} in {self.path}") from None
+
+    def devices(self) -> list[Device] | None:
+        desc = self.layout.vmdesc_json()
+        if desc is None:
+            return None
+        out = []
+        for d in desc.get("devices", []):
+            if isinstance(d, dict):
+                out.append(Device(name=str(d.get("name")), instance_id=_int(d.get("instance_id")),
+                                  version=_int(d.get("version")), vmsd_name=d.get("vmsd_name")))
+        return out
+
+    # -- reads -----------------------------------------------------------------------
+    def read(self, block: RamBlock | str, offset: int, size: int) -> bytearray:
+        """Bytes ``[offset, offset+size)`` of a block, short only at its end."""
+        if isinstance(block, str):
+            block = self.block(block)
+        if self.data is None:
+            raise RamfsError(f"{self.path} was opened for its description only")
+        if offset < 0 or size < 0:
+            raise RamfsError("negative offset or size")
+        end = min(offset + size, block.used_length)
+        if offset >= end:
+            return bytearray()
+        out = bytearray(end - offset)
+        view = memoryview(out)
+        pending: list[tuple[int, int, int]] = []  # (dst, file_offset, length), file-ascending
+        pos = 0
+        for foff, length in block.runs(offset, end - offset):
+            if foff is not None:
+                pending.append((pos, foff, length))
+            pos += length
+        self._gather(view, pending)
+        return out
+
+    def _gather(self, view: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+        data = self.data
+        i = 0
+        n = len(pieces)
+        while i < n:
+            dst, foff, length = pieces[i]
+            j = i + 1
+            span_end = foff + length
+            while j < n and 0 <= pieces[j][1] - span_end <= GATHER_GAP and pieces[j][0] == pieces[j - 1][0] + pieces[j - 1][2]:
+                span_end = pieces[j][1] + pieces[j][2]
+                j += 1
+            if j == i + 1:
+                data.readinto_at(view[dst : dst + length], foff)
+            else:
+                span = bytearray(span_end - foff)
+                data.readinto_at(memoryview(span), foff)
+                for d, f, ln in pieces[i:j]:
+                    view[d : d + ln] = span[f - foff : f - foff + ln]
+            i = j
+
+    def close(self) -> None:
+        if self.data is not None and self.data is not self.source:
+            self.data.close()
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _int(v) -> int:
+    return v if isinstance(v, int) else -1
+
+
+def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = None, use_cache: bool = True,
+               reads: bool = True, allow_partial: bool = False) -> Image:
+    """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
+
+    ``reads=False`` describes a compressed image by streaming it, without spooling a
+    decompressed copy. ``use_cache=False`` never reads or writes the cache.
+    """
+    path = os.fspath(path)
+    src = FileSource(path)
+    try:
+        return _open(path, src, Path(cache_dir(cache)), use_cache, reads, allow_partial)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
+    head = src.read_at(0, max(LIBVIRT_HEADER_SIZE, 16))
+    warnings: list[str] = []
+    meta = None
+    base = 0
+    if is_libvirt_magic(head):
+        meta = parse_metadata(src, allow_partial=allow_partial)
+        if not meta.header.complete:
+            warnings.append("incomplete save image: magic LibvirtQemudPart (libvirt did not finish it)")
+        base = meta.header.stream_offset
+        fmt = meta.header.effective_format
+        if fmt.compressed:
+            return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings)
+    elif not is_qemu_magic(head):
+        if len(head) < 4:
+            raise NotAnImageError(f"{path}: not a save image (file is {len(head)} bytes long)")
+        raise NotAnImageError(f"{path}: not a save image (neither a libvirt header nor a QEMU stream)")
+    elif head[:4] != b"QEVM":
+        raise NotAnImageError(f"{path}: not a save image")
+    if src.size <= base:
+        raise FormatError(f"{path}: the QEMU stream at {base:#x} is empty", base)
+    probe = src.read_at(base, 4)
+    if not is_qemu_magic(probe):
+        raise FormatError(f"no QEMU stream (QEVM) where the libvirt header says it starts", base)
+    key = image_key(path, src.stat)
+    idx_path = cdir / "index" / f"{key}.idx"
+    layout = None
+    index = None
+    cached = False
+    if use_cache and idx_path.exists():
+        try:
+            index, layout, _ = PageIndex.load(idx_path)
+            index.validate(layout, src.size)
+            cached = True
+        except CacheError as e:
+            warnings.append(f"ignored cached index: {e}")
+            index = layout = None
+    if layout is None:
+        holder: list[PageIndex] = []
+        layout = _parse_with_index(src, base, holder)
+        index = None if layout.mapped_ram else holder[0]
+        if index is not None and use_cache:
+            _save_index(index, idx_path, layout, warnings)
+    blocks = _make_blocks(src, layout, index, warnings)
+    return Image(path, src, meta, layout, blocks, src, warnings + list(layout.warnings), cached)
+
+
+def _parse_with_index(src, base, holder: list) -> StreamLayout:
+    """Parse once; the page index is created lazily once the block count is known."""
+    state = {}
+
+    def sink(b, p, off):
+        idx = state.get("idx")
+        if idx is None:
+            idx = state["idx"] = PageIndex(b + 1)
+            holder.append(idx)
+        if b >= len(idx.chunks):
+            idx.chunks.extend({} for _ in range(b + 1 - len(idx.chunks)))
+        idx.sink(b, p, off)
+
+    layout = parse_stream(src, base, src.size, on_page=sink)
+    if not holder:
+        holder.append(PageIndex(len(layout.blocks)))
+    idx = holder[0]
+    idx.chunks.extend({} for _ in range(len(layout.blocks) - len(idx.chunks)))
+    return layout
+
+
+def _save_index(index, idx_path, layout, warnings) -> None:
+    try:
+        index.save(idx_path, layout, {"ramfs": __version__})
+    except OSError as e:
+        warnings.append(f"could not write the index cache {idx_path}: {e.strerror}")
+
+
+def _make_blocks(src, layout: StreamLayout, index: PageIndex | None, warnings: list[str]) -> list[RamBlock]:
+    blocks: list[RamBlock] = []
+    for rec in layout.blocks:
+        if layout.mapped_ram:
+            bitmap = read_bitmap(src, rec)
+            extra = bits_beyond(bitmap, rec.used_length // layout.page_size) if bitmap else 0
+            if extra:
+                warnings.append(f"bitmap of {rec.idstr!r} has {extra} bits set past its "
+                                f"{rec.used_length // layout.page_size} pages (ignored)")
+            blocks.append(MappedRamBlock(rec, layout.page_size, bitmap))
+        else:
+            blocks.append(IndexedBlock(rec, layout.page_size, index))
+    return blocks
+
+
+def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image:
+    fmt = meta.header.effective_format
+    key = image_key(path, src.stat)
+    idx_path = cdir / "index" / f"{key}.idx"
+    data_path = cdir / "data" / f"{key}.stream"
+    if use_cache and idx_path.exists() and data_path.exists():
+        try:
+            index, layout, _ = PageIndex.load(idx_path)
+            data = FileSource(data_path)
+            index.validate(layout, data.size)
+            blocks = _make_blocks(data, layout, index, warnings)
+            return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), True)
+        except (CacheError, ImageIOError) as e:
+            warnings.append(f"ignored cached decompression: {e}")
+    spool = None
+    fd = -1
+    tmp = None
+    if reads:
+        if not use_cache:
+            raise RamfsError(f"{path}: reading a {fmt.label}-compressed image needs the cache")
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_tmp(data_path)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        spool = SparseSpool(fd)
+    try:
+        with Decompressor(path, meta.header.stream_offset, fmt) as dec:
+            stream = ForwardSource(dec.read, tee=spool.write_at if spool else None)
+            holder: list[PageIndex] = []
+            layout = _parse_with_index(stream, 0, holder)
+            if spool is not None:
+                stream.drain()
+        if spool is None:
+            # Description only: page offsets point into a stream we did not keep.
+            blocks = [IndexedBlock(rec, layout.page_size, holder[0]) for rec in layout.blocks]
+            return Image(path, src, meta, layout, blocks, None, warnings + list(layout.warnings), False)
+        spool.finish()
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, data_path)
+        tmp = None
+        _save_index(holder[0], idx_path, layout, warnings)
+        data = FileSource(data_path)
+        blocks = _make_blocks(data, layout, holder[0], warnings)
+        return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), False)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def domain_identity(xml: str | None) -> dict | None:
+    """Name and UUID from the domain XML, for descriptions; None when absent or unreadable."""
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    return {"name": root.findtext("name"), "uuid": root.findtext("uuid"),
+            "type": root.get("type")}
+
+
+__all__ = ["Image", "RamBlock", "open_image", "domain_identity", "MAPPED_RAM_FILE_OFFSET_ALIGNMENT"]
