@@ -96,6 +96,10 @@ RAM_SAVE_FLAG_HOOK = 0x80  # RDMA
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100  # removed in QEMU 9.1
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
 
+# x86-64 physical addresses have at most 52 bits; a block claiming more is not a real guest's
+# and would only make readers size things after a hostile number.
+MAX_USED_LENGTH = 1 << 52
+
 # --- mapped-ram (ram.c struct MappedRamHeader, mapped_ram_setup_ramblock) ----------------
 MAPPED_RAM_HDR_VERSION = 1
 MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
@@ -362,6 +366,9 @@ class _Parser:
         if used == 0 or used % ps:
             raise FormatError(f"RAM block {idstr!r} used_length {used:#x} is not a non-zero "
                               f"multiple of the page size {ps}", start + 1 + n)
+        if used > MAX_USED_LENGTH:
+            raise FormatError(f"RAM block {idstr!r} used_length {used:#x} is implausibly large "
+                              f"(over 2^52 bytes)", start + 1 + n)
         pc_size = None
         if self.postcopy_advised and not self.mapped:
             # ram_save_setup writes the block page size only for hugepage-backed blocks under
@@ -516,6 +523,11 @@ class _Parser:
                                  "such images (fixed after 10.0)")
         while True:
             start = cur.pos
+            if ram_end is not None and cur.at_end():
+                # RAM is whole but the device state is gone: a forensic reader still wants RAM.
+                self.warnings.append(f"stream ends at {start:#x}, right after RAM: no device state")
+                device_offset = start
+                break
             t = cur.u8("section type")
             if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
                 sid = cur.be32("section id")
@@ -568,12 +580,20 @@ class _Parser:
                 raise FormatError(f"unknown section type {t:#x}", start)
         if ram_id is None:
             raise FormatError("no RAM section before the device state", start)
+        if device_offset == cur.pos and eof is None and ram_end is not None and cur.at_end():
+            return self.layout(conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
+                               None, None, None, cur.pos)
         vmdesc_offset, vmdesc, end = self.tail(device_offset, eof)
         if vmdesc_offset is not None:
             eof = vmdesc_offset - 1
         elif eof is None:
             self.warnings.append("the end of the device state could not be located "
                                  "(no VM description after it)")
+        return self.layout(conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
+                           eof, vmdesc_offset, vmdesc, end)
+
+    def layout(self, conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
+               eof, vmdesc_offset, vmdesc, end) -> StreamLayout:
         return StreamLayout(
             base=self.base, end=end, configuration=conf, page_size=self.page_size,
             ram_section_id=ram_id, ram_start_offset=ram_start, mem_size_total=total,

@@ -1,0 +1,850 @@
+"""Make real QEMU save images at test time, and cache them.
+
+The test-suite (and features that must *prove* a conversion by restoring the
+result in real QEMU) need VM save images whose RAM content is known exactly.
+This module boots a firmware-only guest (SeaBIOS, no disk) with data blobs
+loaded into RAM by ``-device loader``, lets it run briefly, stops it, and
+writes:
+
+* ``pmemsave.bin``: QMP ``pmemsave`` of guest-physical ``[0, ram)``, which is
+  the ground truth for the RAM block ``pc.ram`` (as long as RAM stays below
+  the machine's below-4G split, see ``Recipe``);
+* ``sequential.img``: a plain ``migrate`` to ``file:``;
+* ``mapped-ram.img`` and ``mapped-ram-multifd.img``: written by fresh QEMU
+  processes that restored ``sequential.img`` (QEMU refuses a second
+  ``migrate`` after a completed one) and were checked against the ground
+  truth first.
+
+Every derived image is then restored once more and compared with the ground
+truth before the build counts as done, so a cached image is a proven one.
+
+Only the standard library is used, and ``ramfs`` is deliberately not
+imported: this module is the independent referee for ramfs.
+
+Facts this relies on (see ``/work/shared/fixtures/README.md``):
+
+* ``-cpu qemu64,kvmclock=off``: with kvmclock, SeaBIOS registers a pvclock
+  page in guest RAM that KVM rewrites right after an incoming migration, so
+  a KVM restore would not be byte-exact.
+* A paused, never-resumed guest restored with ``-S -incoming defer`` keeps
+  exactly the RAM of the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+# Bump whenever the images this module writes change for the same recipe
+# and QEMU (command line, build steps, file names): it is part of the cache
+# key, so old cache entries are simply ignored.
+GENERATOR_VERSION = 1
+
+QEMU_BINARY_NAME = 'qemu-system-x86_64'
+CACHE_ENV_VAR = 'RAMFS_TEST_CACHE'
+DEFAULT_CACHE_ROOT = Path('~/.cache/ramfs-tests')
+
+PAGE_SIZE = 4096
+MIB = 1 << 20
+
+# Below 1 MiB live the legacy VGA/ROM windows (0xA0000-0xFFFFF) and
+# SeaBIOS's own data; blobs there would be overwritten or shadowed.
+LOWEST_BLOB_ADDR = 0x100000
+# SeaBIOS relocates its init code and temporary allocations to about
+# 16 MiB below the top of RAM and puts ACPI tables in the last 128 KiB, so
+# blobs in [ram - 17 MiB, ram) could be overwritten while the guest runs
+# (observed for 64 and 512 MiB, pc and q35, KVM: the lowest page SeaBIOS
+# wrote was ram - 0x101F000; everything from 1 MiB up to there stayed intact).
+SEABIOS_HIGH_ZONE = 17 * MIB
+# RAM sizes at which the machine starts to split RAM into below- and
+# above-4G parts (pc: >= 3.5 GiB -> 3 GiB low; q35: >= 2.75 GiB -> 2 GiB
+# low). Below these, guest-physical [0, ram) is exactly the RAM block
+# pc.ram, which is what makes pmemsave a ground truth for it.
+BELOW_4G_SPLIT_THRESHOLD = {'pc': 0xE0000000, 'q35': 0xB0000000}
+
+# Self-describing pattern: every 4 KiB page of a pattern blob is this unit
+# (with the blob's seed and the page index inside the blob) repeated and cut.
+PATTERN_UNIT_FORMAT = b'RAMFS-BLOB-%d-PAGE-%08d'
+
+# Raised from QEMU's default of 128 MiB/s: a file: migration has no reason
+# to be throttled, and the default makes large guests slow to save.
+MAX_BANDWIDTH = 1 << 40  # bytes per second
+MULTIFD_CHANNELS = 4
+
+QEMU_START_TIMEOUT = 30.0      # until the QMP socket accepts a connection
+QMP_COMMAND_TIMEOUT = 120.0    # one QMP command (pmemsave of a big guest)
+MIGRATION_TIMEOUT = 300.0      # one save or restore
+QEMU_EXIT_TIMEOUT = 10.0       # after 'quit' or SIGKILL
+LOCK_TIMEOUT = 600.0           # waiting for another process's build
+POLL_INTERVAL = 0.05
+STDERR_TAIL_BYTES = 4000
+
+# Unix socket paths are limited to 108 bytes including the NUL.
+MAX_UNIX_SOCKET_PATH = 107
+
+IMAGE_FILES = {
+    'sequential': 'sequential.img',
+    'pmemsave': 'pmemsave.bin',
+    'mapped_ram': 'mapped-ram.img',
+    'mapped_ram_multifd': 'mapped-ram-multifd.img',
+    'recipe_json': 'recipe.json',
+}
+DONE_MARKER = 'DONE'
+CACHE_DIR_MODE = 0o755
+
+# Capabilities and parameters for each derived image.
+MAPPED_RAM_CAPABILITIES = ('mapped-ram',)
+MAPPED_RAM_MULTIFD_CAPABILITIES = ('mapped-ram', 'multifd')
+
+
+# --------------------------------------------------------------------- errors
+
+class QemuError(RuntimeError):
+    """Anything that went wrong while driving QEMU."""
+
+
+class QemuNotFoundError(QemuError):
+    """qemu-system-x86_64 is not installed; the tests must fail, not skip."""
+
+
+class QemuTimeoutError(QemuError, TimeoutError):
+    """QEMU did not answer or finish in time."""
+
+
+class QMPError(QemuError):
+    """A QMP command returned an error."""
+
+    def __init__(self, command: str, arguments: Mapping[str, Any], error: Mapping[str, Any]):
+        self.command = command
+        self.arguments = dict(arguments)
+        self.error_class = error.get('class', '?')
+        self.desc = error.get('desc', '?')
+        super().__init__('QMP %s %s failed: %s: %s'
+                         % (command, json.dumps(self.arguments), self.error_class, self.desc))
+
+
+class MigrationError(QemuError):
+    """A save or restore failed; the message carries QEMU's own error text."""
+
+
+class GroundTruthMismatch(QemuError):
+    """A restored guest's RAM is not byte-identical to the ground truth."""
+
+
+# -------------------------------------------------------------------- recipes
+
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """Data loaded at guest-physical ``addr`` before the firmware starts.
+
+    ``random`` is ``random.Random(seed).randbytes(size)`` (incompressible,
+    like real RAM); ``pattern`` names each of its pages (see
+    ``PATTERN_UNIT_FORMAT``) so a test can tell which page ended up where.
+    """
+
+    addr: int
+    size: int
+    kind: Literal['random', 'pattern']
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ('random', 'pattern'):
+            raise ValueError('Blob kind must be random or pattern, not %r' % (self.kind,))
+        if self.size <= 0:
+            raise ValueError('Blob size must be positive: %r' % (self,))
+        if self.addr % PAGE_SIZE:
+            raise ValueError('Blob addr must be page aligned: %#x' % self.addr)
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a guest's images (and so its cache key)."""
+
+    machine: Literal['pc', 'q35']
+    ram_mib: int
+    blobs: tuple[Blob, ...]
+    run_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.machine not in BELOW_4G_SPLIT_THRESHOLD:
+            raise ValueError('machine must be pc or q35, not %r' % (self.machine,))
+        if self.ram_mib <= 0:
+            raise ValueError('ram_mib must be positive')
+        if self.ram_bytes >= BELOW_4G_SPLIT_THRESHOLD[self.machine]:
+            raise ValueError(
+                '%s with %d MiB RAM splits RAM around the PCI hole, so pmemsave of '
+                '[0, ram) would not be pc.ram; stay below %#x bytes'
+                % (self.machine, self.ram_mib, BELOW_4G_SPLIT_THRESHOLD[self.machine]))
+        if not isinstance(self.blobs, tuple):
+            raise TypeError('blobs must be a tuple (the recipe is hashed and cached)')
+        if self.run_seconds < 0:
+            raise ValueError('run_seconds must not be negative')
+        high_zone = max(LOWEST_BLOB_ADDR, self.ram_bytes - SEABIOS_HIGH_ZONE)
+        previous: Blob | None = None
+        for blob in sorted(self.blobs, key=lambda b: b.addr):
+            if blob.addr < LOWEST_BLOB_ADDR or blob.end > high_zone:
+                raise ValueError('blob %r must lie in [%#x, %#x): below is legacy/BIOS memory, '
+                                 'above is where SeaBIOS writes' % (blob, LOWEST_BLOB_ADDR, high_zone))
+            if previous is not None and blob.addr < previous.end:
+                raise ValueError('blobs overlap: %r and %r' % (previous, blob))
+            previous = blob
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_mib * MIB
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestImages:
+    """The cached files of one built recipe (all inside ``directory``)."""
+
+    recipe: Recipe
+    ram_bytes: int
+    directory: Path
+    sequential: Path
+    pmemsave: Path
+    mapped_ram: Path
+    mapped_ram_multifd: Path
+    recipe_json: Path
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Build facts recorded in recipe.json (accelerator, QEMU version...)."""
+        return json.loads(self.recipe_json.read_text())
+
+
+def _random_blob(address: int, size: int, seed: int) -> Blob:
+    return Blob(addr=address, size=size, kind='random', seed=seed)
+
+
+def _pattern_blob(address: int, size: int, seed: int) -> Blob:
+    return Blob(addr=address, size=size, kind='pattern', seed=seed)
+
+
+# Like the shared fixtures (random blob identical to theirs), small enough to
+# build in a couple of seconds.
+SMALL_PC = Recipe(
+    machine='pc', ram_mib=64,
+    blobs=(_random_blob(16 * MIB, 1 * MIB, seed=1),
+           _pattern_blob(32 * MIB, 64 * 1024, seed=2)),
+    run_seconds=1.0)
+SMALL_Q35 = dataclasses.replace(SMALL_PC, machine='q35')
+
+# 512 MiB with 48 MiB of blobs spread over RAM, one not MiB-aligned, one
+# just below the area SeaBIOS writes near the top of RAM.
+LARGE_PC = Recipe(
+    machine='pc', ram_mib=512,
+    blobs=(_random_blob(16 * MIB, 16 * MIB, seed=11),
+           _pattern_blob(64 * MIB, 8 * MIB, seed=12),
+           _random_blob(128 * MIB + 3 * PAGE_SIZE, 8 * MIB, seed=13),
+           _pattern_blob(256 * MIB, 4 * MIB, seed=14),
+           _random_blob(384 * MIB, 8 * MIB, seed=15),
+           _pattern_blob(512 * MIB - SEABIOS_HIGH_ZONE - 4 * MIB, 4 * MIB, seed=16)),
+    run_seconds=1.0)
+
+
+def pattern_page(seed: int, index: int) -> bytes:
+    """Page ``index`` (0-based, inside the blob) of a pattern blob."""
+    unit = PATTERN_UNIT_FORMAT % (seed, index)
+    return (unit * math.ceil(PAGE_SIZE / len(unit)))[:PAGE_SIZE]
+
+
+def blob_bytes(blob: Blob) -> bytes:
+    """The exact bytes the loader puts at ``blob.addr``."""
+    if blob.kind == 'random':
+        return random.Random(blob.seed).randbytes(blob.size)
+    pages = math.ceil(blob.size / PAGE_SIZE)
+    return b''.join(pattern_page(blob.seed, i) for i in range(pages))[:blob.size]
+
+
+# ----------------------------------------------------------------------- QMP
+
+class QMPClient:
+    """Minimal QMP client: one unix socket, JSON lines, no out-of-band."""
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = QEMU_START_TIMEOUT,
+                 alive: Callable[[], bool] | None = None,
+                 command_timeout: float = QMP_COMMAND_TIMEOUT):
+        """Connect (retrying until QEMU has created the socket) and negotiate.
+
+        ``alive`` lets the connect loop give up at once when the QEMU process
+        has already exited instead of waiting for the timeout.
+        """
+        self.path = os.fspath(path)
+        self.command_timeout = command_timeout
+        self.events: list[dict[str, Any]] = []
+        self._buffer = b''
+        self._sock = self._connect(timeout, alive)
+        try:
+            self.greeting = self._read_message(time.monotonic() + command_timeout)
+            if 'QMP' not in self.greeting:
+                raise QemuError('unexpected QMP greeting on %s: %r' % (self.path, self.greeting))
+            self.execute('qmp_capabilities')
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, timeout: float, alive: Callable[[], bool] | None) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if alive is not None and not alive():
+                    raise QemuError('QEMU exited before its QMP socket %s accepted a connection'
+                                    % self.path) from exc
+                if time.monotonic() > deadline:
+                    raise QemuTimeoutError('no QMP socket at %s after %.0f s: %s'
+                                           % (self.path, timeout, exc)) from exc
+                time.sleep(POLL_INTERVAL)
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        while b'\n' not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QemuTimeoutError('QMP %s: no answer in time' % self.path)
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except socket.timeout as exc:
+                raise QemuTimeoutError('QMP %s: no answer in time' % self.path) from exc
+            if not chunk:
+                raise QemuError('QMP connection %s closed (QEMU exited?)' % self.path)
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b'\n', 1)
+        return json.loads(line)
+
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None, /,
+                **kwargs: Any) -> Any:
+        """Run ``command`` and return its ``return`` value.
+
+        QMP argument names often contain hyphens, so they can be given as a
+        mapping (``execute('migrate-set-parameters', {'max-bandwidth': n})``)
+        as well as keywords. Events that arrive meanwhile go to ``events``.
+        """
+        args = dict(arguments or {}, **kwargs)
+        message: dict[str, Any] = {'execute': command}
+        if args:
+            message['arguments'] = args
+        self._sock.settimeout(self.command_timeout)
+        self._sock.sendall(json.dumps(message).encode() + b'\n')
+        deadline = time.monotonic() + self.command_timeout
+        while True:
+            reply = self._read_message(deadline)
+            if 'event' in reply:
+                self.events.append(reply)
+            elif 'error' in reply:
+                raise QMPError(command, args, reply['error'])
+            elif 'return' in reply:
+                return reply['return']
+            else:
+                raise QemuError('unexpected QMP message for %s: %r' % (command, reply))
+
+    def hmp(self, command_line: str) -> str:
+        """Run a human monitor command (quote file names: see fixtures README)."""
+        return self.execute('human-monitor-command', {'command-line': command_line})
+
+    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
+        """Return (and consume) the first event called ``name``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event['event'] == name:
+                    return self.events.pop(i)
+            message = self._read_message(deadline)
+            if 'event' in message:
+                self.events.append(message)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+# ---------------------------------------------------------------- processes
+
+@functools.cache
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64; a clear error (not a skip) when missing."""
+    path = shutil.which(QEMU_BINARY_NAME)
+    if path is None:
+        raise QemuNotFoundError(
+            '%s is not on PATH. The ramfs tests need real QEMU 10 (Debian package '
+            'qemu-system-x86); install the test dependencies (make / '
+            'scripts/install-deps.sh).' % QEMU_BINARY_NAME)
+    return path
+
+
+@functools.cache
+def qemu_version() -> str:
+    """First line of ``qemu-system-x86_64 --version`` (part of the cache key)."""
+    result = subprocess.run([qemu_binary(), '--version'], capture_output=True, text=True,
+                            timeout=QEMU_START_TIMEOUT, check=True)
+    return result.stdout.splitlines()[0].strip()
+
+
+def _qemu_option_value(value: str | os.PathLike[str]) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return os.fspath(value).replace(',', ',,')
+
+
+def _file_uri(path: str | os.PathLike[str], offset: int = 0) -> str:
+    """``file:`` migration URI; QEMU's parser cannot escape commas."""
+    path = os.path.abspath(path)
+    if ',' in path:
+        raise ValueError('QEMU file: migration URIs cannot contain commas: %r' % path)
+    if offset < 0:
+        raise ValueError('offset must not be negative')
+    return 'file:%s,offset=%#x' % (path, offset) if offset else 'file:' + path
+
+
+def qemu_command_line(recipe: Recipe, qmp_socket: str | os.PathLike[str], *,
+                      blob_files: Sequence[tuple[Blob, Path]] = (),
+                      incoming: bool = False) -> list[str]:
+    """argv of the guest for ``recipe``.
+
+    The guest that runs gets ``-device loader`` for each blob. QEMUs that
+    restore an image (``incoming=True``) get none: the loader device has
+    no migration state and no RAM block of its own, so the device model is
+    the same, and without it the restored RAM comes from the image alone
+    (the loader would otherwise pre-fill the blobs at reset and hide a page
+    that a conversion lost).
+    """
+    argv = [qemu_binary(),
+            '-accel', 'kvm', '-accel', 'tcg',
+            '-cpu', 'qemu64,kvmclock=off',
+            '-machine', recipe.machine,
+            '-m', '%dM' % recipe.ram_mib,
+            '-smp', '1',
+            '-nodefaults', '-no-user-config', '-display', 'none',
+            '-qmp', 'unix:%s,server=on,wait=off' % _qemu_option_value(qmp_socket)]
+    for blob, path in blob_files:
+        argv += ['-device', 'loader,file=%s,addr=%#x,force-raw=on'
+                 % (_qemu_option_value(path), blob.addr)]
+    if incoming:
+        argv += ['-S', '-incoming', 'defer']
+    return argv
+
+
+def _kill_with_parent() -> None:
+    """Runs in the child: SIGKILL QEMU if the Python process dies abruptly
+    (e.g. pytest-timeout's thread method calls os._exit), so no guest is
+    left spinning in SeaBIOS's retry loop."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+class QemuProcess:
+    """One QEMU process plus its QMP connection; use as a context manager.
+
+    Leaving the ``with`` block always ends the process: ``quit`` over QMP,
+    then SIGKILL to its PID if it is still there.
+    """
+
+    def __init__(self, argv: Sequence[str], qmp_socket: Path, log_path: Path):
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = open(log_path, 'wb')
+        try:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                            stderr=subprocess.STDOUT,
+                                            preexec_fn=_kill_with_parent)
+        except BaseException:
+            self._log.close()
+            raise
+        try:
+            self.qmp = QMPClient(qmp_socket, alive=lambda: self.process.poll() is None)
+        except QemuError as exc:
+            self.close()
+            raise QemuError('%s\n%s' % (exc, self.describe())) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr_tail(self) -> str:
+        """The end of QEMU's stdout/stderr: where its real error text is."""
+        try:
+            data = self.log_path.read_bytes()
+        except OSError as exc:
+            return '(no QEMU log: %s)' % exc
+        return data[-STDERR_TAIL_BYTES:].decode('utf-8', 'replace').strip()
+
+    def describe(self) -> str:
+        status = self.process.poll()
+        state = 'running' if status is None else 'exited with status %s' % status
+        return 'QEMU pid %d %s; command line: %s\nQEMU output: %s' % (
+            self.pid, state, ' '.join(self.argv), self.stderr_tail() or '(none)')
+
+    def close(self) -> None:
+        try:
+            if self.process.poll() is None and hasattr(self, 'qmp'):
+                with contextlib.suppress(QemuError, OSError):
+                    self.qmp.command_timeout = QEMU_EXIT_TIMEOUT
+                    self.qmp.execute('quit')
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=QEMU_EXIT_TIMEOUT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()  # our own child, by PID
+                self.process.wait(timeout=QEMU_EXIT_TIMEOUT)
+            if hasattr(self, 'qmp'):
+                self.qmp.close()
+            self._log.close()
+
+    def __enter__(self) -> QemuProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- helpers built on QMP
+
+    def set_capabilities(self, capabilities: Sequence[str]) -> None:
+        if capabilities:
+            self.qmp.execute('migrate-set-capabilities', capabilities=[
+                {'capability': name, 'state': True} for name in capabilities])
+
+    def set_parameters(self, **parameters: Any) -> None:
+        """Keyword names use underscores; QMP wants hyphens."""
+        if parameters:
+            self.qmp.execute('migrate-set-parameters',
+                             {name.replace('_', '-'): value for name, value in parameters.items()})
+
+    def wait_for_migration(self, what: str, timeout: float = MIGRATION_TIMEOUT) -> dict[str, Any]:
+        """Poll ``query-migrate`` until completed; raise with QEMU's error text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise MigrationError('%s: QEMU exited\n%s' % (what, self.describe()))
+            info = self.qmp.execute('query-migrate')
+            status = info.get('status')
+            if status == 'completed':
+                return info
+            if status in ('failed', 'cancelled'):
+                raise MigrationError('%s %s: %s\n%s' % (
+                    what, status, info.get('error-desc', '(no error-desc)'), self.describe()))
+            if time.monotonic() > deadline:
+                raise QemuTimeoutError('%s still %r after %.0f s\n%s'
+                                       % (what, status, timeout, self.describe()))
+            time.sleep(POLL_INTERVAL)
+
+    def save(self, path: Path, capabilities: Sequence[str] = (), **parameters: Any) -> None:
+        """Migrate the (stopped) guest to ``file:path`` and wait for it."""
+        self.set_capabilities(capabilities)
+        self.set_parameters(max_bandwidth=MAX_BANDWIDTH, **parameters)
+        self.qmp.execute('migrate', uri=_file_uri(path))
+        self.wait_for_migration('save to %s' % path)
+
+    def load(self, path: Path, capabilities: Sequence[str] = (), offset: int = 0,
+             **parameters: Any) -> None:
+        """Restore ``path`` into this ``-incoming defer`` QEMU and wait.
+
+        ``exit-on-error: false`` keeps QEMU alive after a failed load, so
+        ``query-migrate`` can still report why.
+        """
+        self.set_capabilities(capabilities)
+        self.set_parameters(**parameters)
+        self.qmp.execute('migrate-incoming', {'uri': _file_uri(path, offset),
+                                              'exit-on-error': False})
+        self.wait_for_migration('restore of %s' % path)
+        status = self.qmp.execute('query-status')['status']
+        if status != 'paused':
+            raise MigrationError('restore of %s finished in run state %r, expected paused\n%s'
+                                 % (path, status, self.describe()))
+
+    def pmemsave(self, size: int, path: Path) -> Path:
+        self.qmp.execute('pmemsave', val=0, size=size, filename=os.path.abspath(path))
+        return path
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    """Short-lived directory for QMP sockets and QEMU logs.
+
+    Kept out of the cache directory because unix socket paths are limited
+    to 107 bytes and the cache root may be deep.
+    """
+    path = Path(tempfile.mkdtemp(prefix='ramfs-qemu-'))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start(recipe: Recipe, scratch: Path, name: str, *,
+           blob_files: Sequence[tuple[Blob, Path]] = (), incoming: bool = False) -> QemuProcess:
+    sock = scratch / (name + '.qmp')
+    if len(os.fsencode(sock)) > MAX_UNIX_SOCKET_PATH:
+        raise QemuError('QMP socket path too long for a unix socket: %s (set TMPDIR shorter)' % sock)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    argv = qemu_command_line(recipe, sock, blob_files=blob_files, incoming=incoming)
+    return QemuProcess(argv, sock, scratch / (name + '.log'))
+
+
+# ------------------------------------------------------------------ dumps
+
+def first_difference(path_a: Path, path_b: Path, *, max_pages: int = 8) -> str | None:
+    """None if both files are byte-identical, else a short description of
+    where they differ (first differing pages), for error messages."""
+    chunk_size = 4 * MIB
+    size_a, size_b = os.path.getsize(path_a), os.path.getsize(path_b)
+    differing: list[int] = []
+    total = 0
+    with open(path_a, 'rb') as file_a, open(path_b, 'rb') as file_b:
+        offset = 0
+        while True:
+            chunk_a, chunk_b = file_a.read(chunk_size), file_b.read(chunk_size)
+            if not chunk_a and not chunk_b:
+                break
+            if chunk_a != chunk_b:
+                for page in range(0, max(len(chunk_a), len(chunk_b)), PAGE_SIZE):
+                    if chunk_a[page:page + PAGE_SIZE] != chunk_b[page:page + PAGE_SIZE]:
+                        total += 1
+                        if len(differing) < max_pages:
+                            differing.append(offset + page)
+            offset += chunk_size
+    if not total and size_a == size_b:
+        return None
+    return '%s (%d bytes) vs %s (%d bytes): %d differing pages, first at %s' % (
+        path_a, size_a, path_b, size_b, total, ', '.join('%#x' % x for x in differing))
+
+
+def _check_same(dump: Path, ground_truth: Path, what: str) -> None:
+    difference = first_difference(dump, ground_truth)
+    if difference is not None:
+        raise GroundTruthMismatch('%s does not equal the ground truth: %s' % (what, difference))
+
+
+def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe, *,
+                     capabilities: Sequence[str] = (), offset: int = 0,
+                     multifd_channels: int | None = None,
+                     out_path: str | os.PathLike[str],
+                     timeout: float = MIGRATION_TIMEOUT) -> Path:
+    """Restore ``image_path`` in a fresh, never-started QEMU and pmemsave its RAM.
+
+    This is the proof step for conversions: the result is what real QEMU
+    sees in the image. ``capabilities`` must match how the stream was
+    written (e.g. ``('mapped-ram',)`` or ``('mapped-ram', 'multifd')``);
+    ``offset`` is where the QEMU stream starts in the file (libvirt images:
+    92 + data_len). Raises ``MigrationError`` with QEMU's error text when
+    QEMU rejects the image; writes ``out_path`` (``ram_bytes`` long) on
+    success and returns it.
+    """
+    image = Path(image_path)
+    out = Path(out_path)
+    if not image.is_file():
+        raise FileNotFoundError('no image to restore at %s' % image)
+    parameters: dict[str, Any] = {}
+    if multifd_channels is not None:
+        if 'multifd' not in capabilities:
+            raise ValueError('multifd_channels needs the multifd capability')
+        parameters['multifd_channels'] = multifd_channels
+    with _scratch_dir() as scratch, _start(recipe, scratch, 'restore', incoming=True) as qemu:
+        try:
+            qemu.load(image, capabilities, offset, **parameters)
+        except QemuTimeoutError as exc:
+            raise QemuTimeoutError('restore of %s with capabilities %s, offset %#x: %s'
+                                   % (image, list(capabilities), offset, exc)) from exc
+        qemu.pmemsave(recipe.ram_bytes, out)
+    return out
+
+
+# ------------------------------------------------------------------- build
+
+def cache_root() -> Path:
+    """``$RAMFS_TEST_CACHE``, else ``~/.cache/ramfs-tests``."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser()
+
+
+def cache_key(recipe: Recipe) -> str:
+    """sha256 of what determines the images: recipe, QEMU, this generator."""
+    material = '\n'.join([repr(recipe), qemu_version(), 'generator %d' % GENERATOR_VERSION])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def cache_dir(recipe: Recipe) -> Path:
+    return cache_root() / ('qemu-%s' % cache_key(recipe)[:16])
+
+
+def _images_in(directory: Path, recipe: Recipe) -> GuestImages:
+    return GuestImages(recipe=recipe, ram_bytes=recipe.ram_bytes, directory=directory,
+                       **{field: directory / name for field, name in IMAGE_FILES.items()})
+
+
+def _is_complete(images: GuestImages) -> bool:
+    return (images.directory / DONE_MARKER).is_file() and all(
+        getattr(images, field).is_file() for field in IMAGE_FILES)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path, timeout: float) -> Iterator[None]:
+    """flock ``path``; polls so that a stuck holder gives a clear error."""
+    deadline = time.monotonic() + timeout
+    with open(path, 'a+b') as lock_file:
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise QemuTimeoutError('another process has held the build lock %s for '
+                                           'more than %.0f s' % (path, timeout)) from exc
+                time.sleep(POLL_INTERVAL * 4)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def build(recipe: Recipe) -> GuestImages:
+    """Return the images of ``recipe``, building them on a cache miss.
+
+    The build happens in a temporary sibling directory that is renamed into
+    place only after ``DONE`` was written, so an interrupted build never
+    looks complete; a per-key flock makes concurrent test runs wait for one
+    build instead of doing it twice.
+    """
+    final = cache_dir(recipe)
+    images = _images_in(final, recipe)
+    if _is_complete(images):
+        return images
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
+        if _is_complete(images):  # built by someone else while we waited
+            return images
+        # Under the lock nobody else is building this key: anything left is
+        # debris of an interrupted build.
+        for stale in final.parent.glob(final.name + '.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
+        try:
+            _build_into(work, recipe)
+            work.chmod(CACHE_DIR_MODE)  # mkdtemp makes it 0700
+            os.rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return images
+
+
+def _build_into(directory: Path, recipe: Recipe) -> None:
+    started = time.monotonic()
+    images = _images_in(directory, recipe)
+    steps: dict[str, float] = {}
+
+    def step_done(name: str, since: float) -> float:
+        now = time.monotonic()
+        steps[name] = round(now - since, 3)
+        return now
+
+    # Big temporary files go into the build directory, not the scratch
+    # directory: if the build is killed, the next build of this key removes
+    # them, while /tmp would keep them.
+    blob_dir = directory / 'blobs'
+    blob_dir.mkdir()
+    blob_files = []
+    for i, blob in enumerate(recipe.blobs):
+        path = blob_dir / ('blob-%d.bin' % i)
+        path.write_bytes(blob_bytes(blob))
+        blob_files.append((blob, path))
+    check_dump = directory / 'check.bin'
+
+    with _scratch_dir() as scratch:
+        # 1. The original guest: run, stop, ground truth, sequential save.
+        t = time.monotonic()
+        with _start(recipe, scratch, 'source', blob_files=blob_files) as source:
+            time.sleep(recipe.run_seconds)
+            source.qmp.execute('stop')
+            kvm = source.qmp.execute('query-kvm')
+            machine_type = source.qmp.execute('qom-get', path='/machine', property='type')
+            source.pmemsave(recipe.ram_bytes, images.pmemsave)
+            source.save(images.sequential)
+        t = step_done('source run + pmemsave + sequential save', t)
+        for blob in recipe.blobs:
+            with open(images.pmemsave, 'rb') as dump:
+                dump.seek(blob.addr)
+                if dump.read(blob.size) != blob_bytes(blob):
+                    raise GroundTruthMismatch('the guest overwrote blob %r in %s; move it'
+                                              % (blob, images.pmemsave))
+
+        # 2. Derived encodings, each from a fresh QEMU that restored the
+        #    sequential image (QEMU refuses a second migrate after a
+        #    completed one).
+        derived = ((images.mapped_ram, MAPPED_RAM_CAPABILITIES, {}),
+                   (images.mapped_ram_multifd, MAPPED_RAM_MULTIFD_CAPABILITIES,
+                    {'multifd_channels': MULTIFD_CHANNELS}))
+        for target, capabilities, parameters in derived:
+            with _start(recipe, scratch, 'resave', incoming=True) as resave:
+                resave.load(images.sequential)
+                resave.pmemsave(recipe.ram_bytes, check_dump)
+                _check_same(check_dump, images.pmemsave,
+                            'RAM restored from %s' % images.sequential.name)
+                resave.save(target, capabilities, **parameters)
+            t = step_done('write ' + target.name, t)
+
+        # 3. Prove the derived images restore to the ground truth (the
+        #    sequential one was already restored and compared in step 2).
+        for target, capabilities, parameters in derived:
+            restore_and_dump(target, recipe, capabilities=capabilities,
+                             multifd_channels=parameters.get('multifd_channels'),
+                             out_path=check_dump)
+            _check_same(check_dump, images.pmemsave, 'RAM restored from %s' % target.name)
+            t = step_done('verify ' + target.name, t)
+    check_dump.unlink()
+    shutil.rmtree(blob_dir)
+
+    info = {
+        'generator_version': GENERATOR_VERSION,
+        'qemu_version': qemu_version(),
+        'cache_key': cache_key(recipe),
+        'recipe': dataclasses.asdict(recipe),
+        'ram_bytes': recipe.ram_bytes,
+        'machine_type': machine_type,
+        'accelerator': 'kvm' if kvm.get('enabled') else 'tcg',
+        'files': {name: {'size': os.path.getsize(directory / name),
+                         'allocated': os.stat(directory / name).st_blocks * 512}
+                  for field, name in IMAGE_FILES.items() if field != 'recipe_json'},
+        'capabilities': {IMAGE_FILES['sequential']: [],
+                         IMAGE_FILES['mapped_ram']: list(MAPPED_RAM_CAPABILITIES),
+                         IMAGE_FILES['mapped_ram_multifd']: list(MAPPED_RAM_MULTIFD_CAPABILITIES)},
+        'multifd_channels': MULTIFD_CHANNELS,
+        'build_seconds': round(time.monotonic() - started, 3),
+        'build_steps_seconds': steps,
+        'built_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    }
+    images.recipe_json.write_text(json.dumps(info, indent=1) + '\n')
+    (directory / DONE_MARKER).write_text('done\n')

@@ -1,0 +1,78 @@
+"""The sequential index and the decompression cache: built once, reused, never trusted blindly."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from fixture_data import fixture_path
+from ramfs.image import open_image
+
+
+def digest(img):
+    blk = img.block("pc.ram")
+    return hashlib.sha256(img.read(blk, 0, blk.used_length)).hexdigest()
+
+
+def test_index_is_cached_and_reused(mutable, tmp_path):
+    img = mutable(fixture_path("firmware/pc-sequential.img"))
+    cache = tmp_path / "cache"
+    with open_image(img, cache=cache) as a:
+        assert not a.index_from_cache
+        want = digest(a)
+    assert list((cache / "index").glob("*.idx"))
+    with open_image(img, cache=cache) as b:
+        assert b.index_from_cache and digest(b) == want
+
+
+def test_changed_image_gets_a_new_index(mutable, tmp_path):
+    img = mutable(fixture_path("firmware/pc-sequential.img"))
+    cache = tmp_path / "cache"
+    open_image(img, cache=cache).close()
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with open_image(img, cache=cache) as again:
+        assert not again.index_from_cache
+
+
+def test_corrupt_index_is_ignored_with_a_warning(mutable, tmp_path):
+    img = mutable(fixture_path("firmware/pc-sequential.img"))
+    cache = tmp_path / "cache"
+    with open_image(img, cache=cache) as a:
+        want = digest(a)
+    idx = next((cache / "index").glob("*.idx"))
+    data = bytearray(idx.read_bytes())
+    # Point every stored page offset far outside the image.
+    data[-8:] = (1 << 62).to_bytes(8, "little")
+    idx.write_bytes(bytes(data))
+    with open_image(img, cache=cache) as b:
+        assert not b.index_from_cache
+        assert any("ignored cached index" in w for w in b.warnings)
+        assert digest(b) == want
+    idx.write_bytes(b"RAMFSIDX garbage")
+    with open_image(img, cache=cache) as c:
+        assert digest(c) == want
+
+
+def test_compressed_image_decompressed_once_into_a_sparse_cache(mutable, tmp_path):
+    img = mutable(fixture_path("libvirt/fw-pc-xz.img"))
+    cache = tmp_path / "cache"
+    with open_image(img, cache=cache) as a:
+        assert not a.index_from_cache
+        want = digest(a)
+    spool = next((cache / "data").glob("*.stream"))
+    # The spool holds the decompressed stream; QEMU sends zero pages as 9-byte records,
+    # so it is about the size of a raw image, far from the 64 MiB of RAM.
+    assert spool.stat().st_size < 4 << 20
+    with open_image(img, cache=cache) as b:
+        assert b.index_from_cache and digest(b) == want
+    assert not list((cache / "data").glob(".*tmp*"))
+
+
+def test_info_only_open_of_compressed_image_writes_no_spool(mutable, tmp_path):
+    img = mutable(fixture_path("libvirt/fw-pc-bzip2.img"))
+    cache = tmp_path / "cache"
+    with open_image(img, cache=cache, reads=False) as a:
+        assert a.block("pc.ram").populated_pages > 300
+        assert a.layout.vmdesc is not None
+    assert not (cache / "data").exists() or not list((cache / "data").iterdir())
