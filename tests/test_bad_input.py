@@ -352,3 +352,34 @@ def test_cli_errors_are_one_line(mutable, tmp_path):
             lines = [ln for ln in r.stderr.splitlines() if ln]
             if cmd == "info":
                 assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("ramfs: error:")
+
+
+# --- container and stream that do not belong together ------------------------------------------
+
+def test_libvirt_format_that_does_not_match_the_stream_is_flagged(mutable):
+    sparse = mutable(fixture_path(LV_SPARSE))
+    patch(sparse, 28, struct.pack("<I", 0))  # says raw, holds mapped-ram
+    with open_image(sparse, use_cache=False) as img:
+        assert any("could not restore" in w for w in img.warnings)
+    raw = mutable(fixture_path(LV_RAW))
+    patch(raw, 28, struct.pack("<I", 6))  # says sparse, holds a sequential stream
+    assert any("could not restore" in p for p in check(str(raw)))
+
+
+def test_compressed_mapped_ram_is_refused(mutable, tmp_path):
+    """QEMU needs a seekable file for mapped-ram; a gzip of one can only be crafted."""
+    import gzip
+    src = fixture_path(LV_SPARSE)
+    out = tmp_path / "gz-mapped.img"
+    layout = layout_of(LV_SPARSE)
+    with open(src, "rb") as f, open(out, "wb") as o:
+        head = bytearray(f.read(layout.base))
+        head[28:32] = struct.pack("<I", 1)
+        o.write(head)
+        with gzip.GzipFile(fileobj=o, mode="wb", compresslevel=1) as gz:
+            while data := f.read(1 << 20):
+                gz.write(data)
+    with pytest.raises(UnsupportedError, match="mapped-ram stream inside a gzip"):
+        open_image(out)
+    with pytest.raises(UnsupportedError, match="mapped-ram stream inside a gzip"):
+        open_image(out, reads=False)

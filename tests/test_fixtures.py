@@ -12,11 +12,14 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 
+import jsonschema
 import pytest
 
+from conftest import REPO
 from fixture_data import MANIFEST, fixture_path
 from ramfs.image import open_image
 
+SCHEMA = json.loads((REPO / "docs" / "info.schema.json").read_text())
 IMAGES = [e for e in MANIFEST if e["kind"] == "image"]
 IDS = [e["decompressed_path"] for e in IMAGES]
 
@@ -194,6 +197,7 @@ def test_cli_info_and_check(entry):
     r = subprocess.run(run + ["info", "--json", path], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
+    jsonschema.validate(facts, SCHEMA)
     assert facts["machine"] == entry["machine"]
     assert [b["idstr"] for b in facts["blocks"]][0] == "pc.ram"
     assert facts["blocks"][0]["populated_pages"] > 300

@@ -535,6 +535,8 @@ class _Parser:
                 cur.be32("instance id")
                 version = cur.be32("section version")
                 if t == SectionType.SECTION_FULL:
+                    if ram_id is None:
+                        raise FormatError(f"device section {idstr!r} before any RAM section", start)
                     if ram_end is None:
                         raise UnsupportedError(
                             f"device section {idstr!r} comes before the end of RAM (virtio-mem "
@@ -578,8 +580,6 @@ class _Parser:
                 raise FormatError("section footer where a section should start", start)
             else:
                 raise FormatError(f"unknown section type {t:#x}", start)
-        if ram_id is None:
-            raise FormatError("no RAM section before the device state", start)
         if device_offset == cur.pos and eof is None and ram_end is not None and cur.at_end():
             return self.layout(conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
                                None, None, None, cur.pos)
@@ -681,6 +681,13 @@ class _OffsetBytes:
         if i < 0:
             raise FormatError("internal: read before the retained stream tail", offset)
         return self.data[i : i + size]
+
+
+def parse_configuration(source: Source, base: int = 0) -> Configuration | None:
+    """Only the file header and configuration: enough to know the RAM encoding."""
+    p = _Parser(source, base, source.size, None)
+    p.header()
+    return p.configuration()
 
 
 def parse_stream(source: Source, base: int = 0, end: int | None = None,

@@ -17,7 +17,7 @@ import subprocess
 import zlib
 import zstandard
 
-from ramfs.errors import FormatError, UnsupportedError
+from ramfs.errors import CacheError, FormatError, UnsupportedError
 from ramfs.format.libvirt import SaveFormat
 
 _ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, ValueError)
@@ -97,6 +97,12 @@ class SparseSpool:
         self._zero = bytes(self.BLOCK)
 
     def write_at(self, offset: int, data: bytes) -> None:
+        try:
+            self._write_at(offset, data)
+        except OSError as e:
+            raise CacheError(f"cannot write the decompression cache: {e.strerror}") from None
+
+    def _write_at(self, offset: int, data: bytes) -> None:
         mv = memoryview(data)
         n = len(mv)
         pos = 0

@@ -17,11 +17,8 @@ def describe(image: Image) -> dict:
     layout = image.layout
     lv = image.libvirt
     warnings = list(image.warnings)
-    try:
-        devices = image.devices()
-    except FormatError as e:
-        devices = None
-        warnings.append(str(e))
+    devices, problems = _devices(image)
+    warnings.extend(problems)
     libvirt = None
     if lv is not None:
         h = lv.header
@@ -67,6 +64,8 @@ def describe(image: Image) -> dict:
             "eof_offset": layout.eof_offset,
             "vmdesc_offset": layout.vmdesc_offset,
             "vmdesc_size": len(layout.vmdesc) if layout.vmdesc is not None else None,
+            # Offsets above count in the decompressed stream for formats 1-5, else in the file.
+            "decompressed": bool(image.format is not None and image.format.compressed),
         },
         "blocks": [
             {
@@ -91,6 +90,20 @@ def describe(image: Image) -> dict:
     }
 
 
+def _devices(image: Image):
+    """The vmdesc device list, and what is wrong with the vmdesc (bad JSON, page size)."""
+    try:
+        desc = image.layout.vmdesc_json()
+        devices = image.devices()
+    except FormatError as e:
+        return None, [str(e)]
+    problems = []
+    if desc is not None and "page_size" in desc and desc["page_size"] != image.page_size:
+        problems.append(f"VM description says page_size {desc['page_size']}, the stream implies "
+                        f"{image.page_size}")
+    return devices, problems
+
+
 def check(path: str, *, cache=None, use_cache: bool = False) -> list[str]:
     """Validate an image's structure; return every problem found (empty: the image is sound).
 
@@ -102,8 +115,9 @@ def check(path: str, *, cache=None, use_cache: bool = False) -> list[str]:
     try:
         with open_image(path, cache=cache, use_cache=use_cache, reads=False, allow_partial=True) as img:
             problems.extend(img.warnings)
-            if img.layout.vmdesc is None:
-                problems.append("no VM description (vmdesc) at the end of the stream")
+            if img.layout.vmdesc is None and img.layout.eof_offset is not None:
+                problems.append("no VM description (vmdesc) after QEMU_VM_EOF")
+            problems.extend(_devices(img)[1])
     except RamfsError as e:
         problems.append(str(e))
     return problems

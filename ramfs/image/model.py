@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ramfs import __version__
-from ramfs.errors import CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError
+from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError,
+                          UnsupportedError)
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
-from ramfs.format.qemu import (MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout, bits_beyond,
-                               is_qemu_magic, parse_stream, populated_count, read_bitmap, set_runs)
+from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout,
+                               bits_beyond, is_qemu_magic, parse_configuration, parse_stream, populated_count,
+                               read_bitmap, set_runs)
 from ramfs.format.source import ForwardSource
 from ramfs.image.cache import atomic_tmp, cache_dir, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
@@ -197,7 +199,7 @@ class Image:
         out = []
         for d in desc.get("devices", []):
             if isinstance(d, dict):
-                out.append(Device(name=str(d.get("name")), instance_id=_int(d.get("instance_id")),
+                out.append(Device(name=str(d.get("name", "")), instance_id=_int(d.get("instance_id")),
                                   version=_int(d.get("version")), vmsd_name=d.get("vmsd_name")))
         return out
 
@@ -293,10 +295,8 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
         if len(head) < 4:
             raise NotAnImageError(f"{path}: not a save image (file is {len(head)} bytes long)")
         raise NotAnImageError(f"{path}: not a save image (neither a libvirt header nor a QEMU stream)")
-    elif head[:4] != b"QEVM":
-        raise NotAnImageError(f"{path}: not a save image")
     if src.size <= base:
-        raise FormatError(f"{path}: the QEMU stream at {base:#x} is empty", base)
+        raise TruncatedError(f"{path}: the file ends where the QEMU stream should start ({base:#x})", base)
     probe = src.read_at(base, 4)
     if not is_qemu_magic(probe):
         raise FormatError(f"no QEMU stream (QEVM) where the libvirt header says it starts", base)
@@ -319,8 +319,21 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
         index = None if layout.mapped_ram else holder[0]
         if index is not None and use_cache:
             _save_index(index, idx_path, layout, warnings)
+    if meta is not None:
+        _check_format_matches(meta, layout, warnings)
     blocks = _make_blocks(src, layout, index, warnings)
     return Image(path, src, meta, layout, blocks, src, warnings + list(layout.warnings), cached)
+
+
+def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings: list[str]) -> None:
+    """libvirt restores format 6 with mapped-ram on and every other format with it off."""
+    sparse = meta.header.effective_format == SaveFormat.SPARSE
+    if sparse and not layout.mapped_ram:
+        warnings.append("libvirt header says sparse (format 6) but the stream is sequential: "
+                        "libvirt could not restore it")
+    elif layout.mapped_ram and not sparse:
+        warnings.append(f"libvirt header says {meta.header.effective_format.label} but the stream is "
+                        f"mapped-ram: libvirt could not restore it")
 
 
 def _parse_with_index(src, base, holder: list) -> StreamLayout:
@@ -386,13 +399,21 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image
     if reads:
         if not use_cache:
             raise RamfsError(f"{path}: reading a {fmt.label}-compressed image needs the cache")
-        data_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic_tmp(data_path)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise CacheError(f"cannot create the decompression cache {tmp}: {e.strerror}") from None
         spool = SparseSpool(fd)
     try:
         with Decompressor(path, meta.header.stream_offset, fmt) as dec:
             stream = ForwardSource(dec.read, tee=spool.write_at if spool else None)
+            conf = parse_configuration(stream, 0)
+            if conf is not None and CAP_MAPPED_RAM in conf.capabilities:
+                # Its offsets are absolute file offsets; QEMU needs a seekable file to write it.
+                raise UnsupportedError(f"a mapped-ram stream inside a {fmt.label}-compressed image: "
+                                       f"QEMU cannot write or restore such an image")
             holder: list[PageIndex] = []
             layout = _parse_with_index(stream, 0, holder)
             if spool is not None:
@@ -401,10 +422,13 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image
             # Description only: page offsets point into a stream we did not keep.
             blocks = [IndexedBlock(rec, layout.page_size, holder[0]) for rec in layout.blocks]
             return Image(path, src, meta, layout, blocks, None, warnings + list(layout.warnings), False)
-        spool.finish()
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, data_path)
+        try:
+            spool.finish()
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, data_path)
+        except OSError as e:
+            raise CacheError(f"cannot write the decompression cache {tmp}: {e.strerror}") from None
         tmp = None
         _save_index(holder[0], idx_path, layout, warnings)
         data = FileSource(data_path)
