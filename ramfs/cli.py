@@ -83,6 +83,44 @@ def cmd_check(args) -> int:
     return EXIT_PROBLEMS
 
 
+def cmd_mount(args) -> int:
+    from ramfs.fs.daemon import mount
+
+    return mount(args.source, args.mountpoint, foreground=args.foreground, debug=args.debug,
+                 options=args.o, allow_other=args.allow_other, direct_io=args.direct_io,
+                 log_file=args.log)
+
+
+def cmd_umount(args) -> int:
+    from ramfs.fs.daemon import umount
+
+    return umount(args.mountpoint, timeout=args.timeout)
+
+
+def add_mount_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("source", metavar="IMAGE|DIR", help="a save image, or a directory of them")
+    s.add_argument("mountpoint")
+    s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
+    s.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
+    s.add_argument("--direct-io", action="store_true",
+                   help="read images with O_DIRECT and keep guest memory out of the page cache")
+    s.add_argument("--log", metavar="FILE", help="log to FILE (default: stderr in the foreground, "
+                   "else syslog)")
+    s.set_defaults(func=cmd_mount)
+
+
+MOUNT_EPILOG = """examples:
+  ramfs mount /var/lib/libvirt/qemu/save/vm.save /mnt/vm
+  ls /mnt/vm/ram; grep -c secret /mnt/vm/ram/pc.ram
+  cp --sparse=always /mnt/vm/ram/pc.ram /tmp/pc.ram   # keep the holes
+  ramfs mount /var/lib/libvirt/qemu/save /mnt/saves   # every image in the directory
+  ramfs umount /mnt/vm
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramfs", description="Read QEMU and libvirt VM save images.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a save image; list each problem and exit 1 if any.")
     s.add_argument("image")
     s.set_defaults(func=cmd_check)
+    s = sub.add_parser("mount", help="mount an image or a directory of images (read-only)",
+                       description="Mount a save image (or every image in a directory) as files: "
+                       "ram/<block>, maps/<block>, image.json, devices.json, domain.xml.",
+                       epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_mount_arguments(s)
+    s = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    s.add_argument("mountpoint")
+    s.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for open files to close before stopping the daemon")
+    s.set_defaults(func=cmd_umount)
     return p
 
 

@@ -1,0 +1,228 @@
+"""Mount lifecycle: check, mount, daemonize, serve, unmount.
+
+The mount happens in the calling process, so every error (bad image, busy mountpoint, no
+/dev/fuse) is reported before ``ramfs mount`` returns. Only then does it fork: the parent
+returns 0 once the child runs the event loop. SIGINT, SIGTERM and SIGHUP end the loop and
+unmount cleanly; after an internal crash the mount is left dead (ENOTCONN) rather than
+unmounted, so a tool mirroring the mountpoint never mistakes it for an empty directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ramfs.errors import RamfsError
+
+log = logging.getLogger("ramfs.fs")
+
+FSNAME_PREFIX = "ramfs"
+
+
+def runtime_dir() -> Path:
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "ramfs"
+    if os.getuid() == 0:
+        return Path("/run/ramfs")
+    return Path(f"/tmp/ramfs-{os.getuid()}")
+
+
+def resolve_mountpoint(path: str) -> str:
+    """Absolute path with the parent resolved, without touching the mountpoint itself (it may
+    be served by this very process, or be a dead mount)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def pidfile_for(mountpoint: str) -> Path:
+    """Where the daemon serving ``mountpoint`` (an absolute, resolved path) records its pid."""
+    key = hashlib.sha256(mountpoint.encode()).hexdigest()[:24]
+    return runtime_dir() / f"{key}.pid"
+
+
+def _is_mountpoint(path: str) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return True  # ENOTCONN: a dead FUSE mount is still a mount
+
+
+def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
+          options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
+          log_file: str | None = None, cache: str | None = None) -> int:
+    import pyfuse3
+    import trio
+
+    from ramfs.fs.ops import Operations
+    from ramfs.fs.tree import Tree
+
+    _setup_logging(debug, foreground, log_file)
+    # Resolve paths now: once mounted, touching the mountpoint from this process before the
+    # event loop runs would wait for ourselves.
+    mountpoint = resolve_mountpoint(mountpoint)
+    source = os.path.realpath(source)
+    if not os.path.isdir(mountpoint):
+        raise RamfsError(f"mountpoint {mountpoint} is not a directory")
+    if _is_mountpoint(mountpoint):
+        raise RamfsError(f"{mountpoint} is already a mountpoint")
+    if not os.path.exists(source):
+        raise RamfsError(f"{source} does not exist")
+    tree = Tree(direct_io=direct_io, cache=cache)
+    if os.path.isdir(source):
+        tree.mount_directory(source)
+    else:
+        tree.mount_image(source)
+    ops = Operations(tree)
+    opts = set(pyfuse3.default_options)  # default_permissions
+    opts |= {"ro", f"fsname={FSNAME_PREFIX}:{source}", f"subtype={FSNAME_PREFIX}"}
+    if allow_other:
+        opts.add("allow_other")
+    if debug:
+        opts.add("debug")
+    for group in options or []:
+        opts |= {o.strip() for o in group.split(",") if o.strip()}
+    try:
+        pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as e:
+        tree.close()
+        raise RamfsError(f"cannot mount on {mountpoint}: {e}") from None
+    ready = None if foreground else _daemonize()
+    pidfile = pidfile_for(mountpoint)
+    try:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        log.warning("cannot write %s: %s", pidfile, e.strerror)
+    if ready is not None:
+        ready()
+    log.info("mounted %s on %s", source, mountpoint)
+    clean = False
+    try:
+        trio.run(_serve)
+        clean = True
+    finally:
+        pyfuse3.close(unmount=clean)
+        tree.close()
+        pidfile.unlink(missing_ok=True)
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+async def _serve() -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        async def on_signals():
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                async for _ in sigs:
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _daemonize():
+    """Fork; the parent exits 0 once the child calls the returned ``ready()``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        ok = os.read(r, 1)
+        os._exit(0 if ok == b"1" else 1)
+    os.close(r)
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+    def ready() -> None:
+        os.write(w, b"1")
+        os.close(w)
+    return ready
+
+
+def _setup_logging(debug: bool, foreground: bool, log_file: str | None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ramfs: %(levelname)s: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("ramfs[%(process)d]: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+
+
+def umount(mountpoint: str, *, timeout: float = 30.0) -> int:
+    """Unmount and wait until the daemon has exited (lazily when files are still open)."""
+    mountpoint = resolve_mountpoint(mountpoint)
+    pidfile = pidfile_for(mountpoint)
+    pid = None
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    if not _is_mountpoint(mountpoint):
+        raise RamfsError(f"{mountpoint} is not mounted")
+    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        if "busy" in r.stderr.lower():
+            # Open files keep the connection alive; detach now, the daemon exits after them.
+            r = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RamfsError(f"cannot unmount {mountpoint}: {r.stderr.strip()}")
+    if pid is None:
+        return 0
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            if not _wait_gone(pid, timeout):
+                raise RamfsError(f"ramfs daemon {pid} did not exit")
+            break
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+

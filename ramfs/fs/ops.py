@@ -1,0 +1,207 @@
+"""pyfuse3 operations over a :class:`~ramfs.fs.tree.Tree`: a protocol adapter, nothing more.
+
+Every handler goes through :func:`fuse_errors`, the one place where exceptions become errno
+values: ramfs errors are EIO (logged once, one line), OSErrors keep their errno, and a bug
+is logged with its traceback and answered with EIO instead of killing the daemon. Blocking
+work (reads, opening images in directory mode) runs in worker threads so one slow read
+never stalls the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+import trio
+
+from ramfs.errors import ImageIOError, RamfsError
+from ramfs.fs.tree import BLOCK_BLKSIZE, DIR_MODE, FILE_MODE, ROOT_INODE, DirNode, FileNode, Node, Tree
+
+log = logging.getLogger("ramfs.fs")
+
+ATTR_TIMEOUT = 300.0  # nodes never change: let the kernel cache them
+DYNAMIC_TIMEOUT = 1.0  # directory mode: new and removed images show up within a second
+MAX_WORKERS = 32
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a FUSE request answers with for an exception raised while serving it."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, ImageIOError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, RamfsError):
+        return errno.EIO
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _invalidate_entry(parent_inode: int, name: bytes) -> None:
+    """Make the kernel drop a cached name now (safe from worker threads)."""
+    try:
+        pyfuse3.invalidate_entry_async(parent_inode, name)
+    except Exception as e:  # not mounted (tests call operations directly): nothing is cached
+        log.debug("invalidate %r: %s", name, e)
+
+
+def fuse_errors(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (RamfsError, OSError) as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+        except Exception:
+            log.exception("bug in %s%r; answered EIO", fn.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, tree: Tree):
+        super().__init__()
+        self.tree = tree
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.limiter = trio.CapacityLimiter(MAX_WORKERS)
+        self._populating: dict[int, trio.Lock] = {}
+        self.dynamic_root = tree.root is not None and tree.root.dynamic
+        tree.on_entry_gone = _invalidate_entry
+
+    # -- helpers ---------------------------------------------------------------------
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    async def _ready(self, d: DirNode) -> None:
+        """Directory mode: open the image behind ``d`` once, off the event loop."""
+        if d.populate is None:
+            return
+        lock = self._populating.setdefault(d.inode, trio.Lock())
+        async with lock:
+            if d.populate is not None:
+                populate = d.populate
+                await trio.to_thread.run_sync(populate, d, limiter=self.limiter)
+                d.populate = None
+
+    async def _refresh_root(self, d: DirNode) -> None:
+        if self.dynamic_root and d.inode == ROOT_INODE:
+            await trio.to_thread.run_sync(self.tree.rescan, limiter=self.limiter)
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        timeout = DYNAMIC_TIMEOUT if isinstance(node, DirNode) and node.dynamic else ATTR_TIMEOUT
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        if isinstance(node, DirNode):
+            a.st_mode = DIR_MODE
+            a.st_nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
+            a.st_size = 0
+            a.st_blksize = 4096
+            a.st_blocks = 0
+        else:
+            assert isinstance(node, FileNode)
+            a.st_mode = FILE_MODE
+            a.st_nlink = 1
+            a.st_size = node.size
+            a.st_blocks = node.blocks
+            a.st_blksize = BLOCK_BLKSIZE
+        return a
+
+    # -- operations --------------------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if not isinstance(parent, DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attrs(parent)
+        await self._refresh_root(parent)
+        await self._ready(parent)
+        child = parent.children.get(name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._node(inode))
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self._refresh_root(node)
+        await self._ready(node)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        # next_id is the 1-based position; entries are sorted so positions stay stable
+        # while the directory is listed (directory mode may change between listings).
+        entries = sorted(node.children.items())
+        for i, (name, child) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), i):
+                break
+
+    async def releasedir(self, fh):
+        return None
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.stream and self.tree.direct_io:
+            # Keep guest memory out of the page cache too: it is what --direct-io is for.
+            return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        node = self._node(fh)
+        if node.data is not None:
+            return node.data[off:off + size]
+        if off >= node.size:
+            return b""
+        return await trio.to_thread.run_sync(node.reader, off, size, limiter=self.limiter)
+
+    async def release(self, fh):
+        return None
+
+    @fuse_errors
+    async def access(self, inode, mode, ctx):
+        self._node(inode)
+        return not mode & os.W_OK
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum(n.blocks for n in self.tree.nodes.values() if isinstance(n, FileNode)) // 8
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def forget(self, inode_list):
+        # Nodes are kept for the life of the mount (they are small); nothing to release.
+        return None

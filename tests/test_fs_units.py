@@ -1,0 +1,137 @@
+"""The FUSE layer without a mount: name escaping, the tree, errno mapping, operations."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pyfuse3
+import pytest
+import trio
+
+from fixture_data import fixture_path
+from ramfs.errors import FormatError, ImageIOError, TruncatedError
+from ramfs.fs.names import NAME_MAX, escape, unescape
+from ramfs.fs.ops import Operations, errno_for
+from ramfs.fs.tree import ROOT_INODE, Tree
+
+
+@pytest.mark.parametrize("idstr,want", [
+    ("pc.ram", [b"pc.ram"]),
+    ("/rom@etc/acpi/tables", [b"rom@etc", b"acpi", b"tables"]),
+    ("0000:00:02.0/vga.vram", [b"0000:00:02.0", b"vga.vram"]),
+    ("a/../b", [b"a", b"%2E%2E", b"b"]),
+    (".", [b"%2E"]),
+    ("x//y/", [b"x", b"%", b"y", b"%"]),
+    ("50%", [b"50%25"]),
+])
+def test_escape_examples(idstr, want):
+    comps, _ = escape(idstr)
+    assert comps == want
+
+
+def test_escape_is_reversible_and_safe():
+    rng = random.Random(5)
+    alphabet = ["a", "/", ".", "%", "\0", "é", "2", "E", "+", ":"]
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 256)))
+        comps, lead = escape(s)
+        assert unescape(comps, lead) == s
+        for c in comps:
+            assert 0 < len(c) <= NAME_MAX and b"/" not in c and b"\0" not in c
+            assert c not in (b".", b"..")
+
+
+def test_escape_long_components():
+    s = "%" * 255
+    comps, lead = escape(s)
+    assert len(comps) == 4 and all(len(c) <= NAME_MAX for c in comps)
+    assert unescape(comps, lead) == s
+
+
+def test_errno_mapping():
+    assert errno_for(FormatError("x")) == errno.EIO
+    assert errno_for(TruncatedError("x", 5)) == errno.EIO
+    assert errno_for(ImageIOError("x", errno.ENOSPC)) == errno.ENOSPC
+    assert errno_for(OSError(errno.EACCES, "x")) == errno.EACCES
+    assert errno_for(pyfuse3.FUSEError(errno.ENOENT)) == errno.ENOENT
+    assert errno_for(ValueError()) == errno.EIO
+
+
+def tree_for(name):
+    t = Tree()
+    t.mount_image(str(fixture_path(name)))
+    return t
+
+
+def path_inode(tree, *names):
+    node = tree.root
+    for n in names:
+        node = node.children[n]
+    return node
+
+
+def test_tree_layout_for_a_libvirt_image():
+    t = tree_for("libvirt/fw-pc-sparse.img")
+    try:
+        assert sorted(t.root.children) == [b"cookie.xml", b"devices.json", b"domain.xml", b"image.json",
+                                           b"maps", b"ram"]
+        tables = path_inode(t, b"ram", b"rom@etc", b"acpi", b"tables")
+        assert tables.size == 0x20000 and tables.blocks == 3 * 4096 // 512
+        m = path_inode(t, b"maps", b"pc.ram").data.decode().splitlines()
+        img = t.images[0]
+        assert [tuple(map(int, ln.split())) for ln in m] == list(img.block("pc.ram").populated_ranges())
+    finally:
+        t.close()
+
+
+def call(coro_fn, *args):
+    return trio.run(coro_fn, *args)
+
+
+def test_operations_errnos():
+    t = tree_for("firmware/pc-mapped-ram.img")
+    ops = Operations(t)
+    try:
+        ram = call(ops.lookup, ROOT_INODE, b"ram", None)
+        pc = call(ops.lookup, ram.st_ino, b"pc.ram", None)
+        assert pc.st_size == 64 << 20 and pc.st_blksize == 1 << 20 and pc.st_mode & 0o777 == 0o444
+        for name in (b"nope", b"..x"):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                call(ops.lookup, ROOT_INODE, name, None)
+            assert e.value.errno == errno.ENOENT
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                call(ops.open, pc.st_ino, flags, None)
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            call(ops.open, ram.st_ino, os.O_RDONLY, None)
+        assert e.value.errno == errno.EISDIR
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            call(ops.getattr, 99999, None)
+        assert e.value.errno == errno.ENOENT
+        fi = call(ops.open, pc.st_ino, os.O_RDONLY, None)
+        data = call(ops.read, fi.fh, 0x2000000, 21)
+        assert bytes(data) == b"RAMFS-FIXTURE-MARKER-"
+        assert call(ops.read, fi.fh, 64 << 20, 10) == b""
+    finally:
+        t.close()
+
+
+def test_a_bug_in_a_handler_becomes_eio_not_a_crash(caplog):
+    t = tree_for("firmware/pc-mapped-ram.img")
+    ops = Operations(t)
+    try:
+        node = path_inode(t, b"ram", b"pc.ram")
+
+        def broken(off, size):
+            raise ZeroDivisionError("boom")
+        node.reader = broken
+        fi = call(ops.open, node.inode, os.O_RDONLY, None)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            call(ops.read, fi.fh, 0, 10)
+        assert e.value.errno == errno.EIO
+        assert "bug in read" in caplog.text
+    finally:
+        t.close()
