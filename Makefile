@@ -6,24 +6,29 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ramfs-installed
 
-.PHONY: all deps venv test demo clean
+.PHONY: all deps deps-test venv test demo clean
 
 all: test
 
+# FUSE, the compressors, a compiler for pyfuse3.
 deps:
-	@bash scripts/install-deps.sh
+	@WANT_QEMU=0 bash scripts/install-deps.sh
+
+# ... and QEMU 10 from bookworm-backports, which the tests use to make and restore images.
+deps-test:
+	@WANT_QEMU=1 bash scripts/install-deps.sh
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 
-venv: deps $(STAMP)
+venv: $(STAMP)
 
-test: venv
+test: deps-test venv
 	$(PY) -m pytest -q
 
-demo: venv
+demo: deps venv
 	@bash scripts/demo.sh $(PY)
 
 clean:

@@ -35,7 +35,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MANIFEST_FILE = DATA_DIR / "manifest.json"

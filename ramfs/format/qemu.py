@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ramfs.errors import FormatError, TruncatedError, UnsupportedError
-from ramfs.format.source import BytesSource, Cursor, Source, decode_name
+from ramfs.format.source import Cursor, Source, decode_name
 
 # --- file header (savevm.h) ------------------------------------------------------------
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"

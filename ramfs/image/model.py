@@ -25,7 +25,7 @@ from ramfs.format.source import ForwardSource
 from ramfs.image.cache import atomic_tmp, cache_dir, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
 from ramfs.image.files import FileSource
-from ramfs.image.index import CHUNK_MASK, CHUNK_SHIFT, PageIndex
+from ramfs.image.index import CHUNK_SHIFT, PageIndex
 
 # Neighbouring payloads closer than this are fetched with one pread and sliced: in a
 # sequential stream consecutive pages sit 8 bytes apart (the next record header).
@@ -305,7 +305,7 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
         raise TruncatedError(f"{path}: the file ends where the QEMU stream should start ({base:#x})", base)
     probe = src.read_at(base, 4)
     if not is_qemu_magic(probe):
-        raise FormatError(f"no QEMU stream (QEVM) where the libvirt header says it starts", base)
+        raise FormatError("no QEMU stream (QEVM) where the libvirt header says it starts", base)
     key = image_key(path, src.stat)
     idx_path = cdir / "index" / f"{key}.idx"
     layout = None
