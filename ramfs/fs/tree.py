@@ -72,6 +72,7 @@ class FileNode(Node):
     blocks: int = 0  # st_blocks, in 512-byte units
     data: bytes | None = None  # small metadata files live in memory
     reader: Callable[[int, int], bytes] | None = None  # large files read through the image
+    has_data: Callable[[int, int], bool] | None = None  # False: the range reads as zeros, no I/O
     stream: bool = False  # content never changes and is costly: let the kernel cache it
 
 
@@ -143,7 +144,7 @@ class Tree:
                 name += b"%@"
             self.file(leaf_ram, name, mtime, size=blk.used_length,
                       blocks=blk.populated_pages * blk.page_size // 512,
-                      reader=_block_reader(img, blk), stream=True)
+                      reader=_block_reader(img, blk), has_data=blk.has_data, stream=True)
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
         facts = json.dumps(describe(img), indent=2).encode() + b"\n"

@@ -59,6 +59,14 @@ class RamBlock:
             b = min(stop * ps, end)
             yield (None if foff is None else foff + (a - start * ps)), b - a
 
+    def has_data(self, offset: int, size: int) -> bool:
+        """Whether any populated page intersects ``[offset, offset+size)`` (no I/O)."""
+        end = min(offset + size, self.used_length)
+        if offset >= end:
+            return False
+        ps = self.page_size
+        return any(foff is not None for _, _, foff in self.page_runs(offset // ps, (end + ps - 1) // ps))
+
     def populated_ranges(self) -> Iterator[tuple[int, int]]:
         """Byte ranges ``(start, end)`` of pages that hold data (coalesced)."""
         ps = self.page_size
