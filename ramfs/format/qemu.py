@@ -224,8 +224,14 @@ def is_qemu_magic(head: bytes) -> bool:
 
 
 class _Parser:
-    def __init__(self, source: Source, base: int, end: int | None, on_page: PageSink | None):
+    def __init__(self, source: Source, base: int, end: int | None, on_page: PageSink | None,
+                 payloads: bool = False, on_setup: Callable[["_Parser"], None] | None = None):
         self.src = source
+        self.payloads = payloads
+        self.on_setup = on_setup  # called once the RAM block list is known, before any page
+        self.configuration_record: Configuration | None = None
+        self.ram_section_id: int | None = None
+        self.tail_data: bytes | None = None  # streams: the bytes from the device state to the end
         self.cur = Cursor(source, base, end)
         self.base = base
         self.on_page = on_page
@@ -438,9 +444,11 @@ class _Parser:
         block = self.current_block
         unpack = _BE64.unpack_from
         page_kinds = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
+        payloads = self.payloads
         buf, i = cur.window(need)
         base = cur.buf_start
         end = len(buf)
+        view = memoryview(buf) if payloads else None
         try:
             while True:
                 if end - i < need:
@@ -448,6 +456,7 @@ class _Parser:
                     buf, i = cur.window(need)
                     base = cur.buf_start
                     end = len(buf)
+                    view = memoryview(buf) if payloads else None
                 if end - i < 8:
                     raise TruncatedError("data ends inside a RAM page record header", base + i)
                 rec = base + i
@@ -479,13 +488,13 @@ class _Parser:
                             raise FormatError(f"ZERO page record with fill byte {buf[i]:#x} (must be 0)", base + i)
                         i += 1
                         if sink is not None:
-                            sink(block, addr // ps, 0)
+                            sink(block, addr // ps, None if payloads else 0)
                     else:
                         if end - i < ps:
                             raise TruncatedError(f"data ends inside the payload of page {addr:#x} of "
                                                  f"{self.blocks[block].idstr!r}", base + i)
                         if sink is not None:
-                            sink(block, addr // ps, base + i)
+                            sink(block, addr // ps, view[i : i + ps] if payloads else base + i)
                         i += ps
                 elif kind == RAM_SAVE_FLAG_EOS:
                     break
@@ -552,6 +561,10 @@ class _Parser:
                     raise UnsupportedError(f"RAM section version {version} (expected 4)", start)
                 ram_id, ram_start = sid, start
                 total = self.ram_setup()
+                if self.on_setup is not None:
+                    self.ram_section_id = sid
+                    self.configuration_record = conf
+                    self.on_setup(self)
                 self.records()
                 self.footer(sid, "RAM START")
             elif t in (SectionType.SECTION_PART, SectionType.SECTION_END):
@@ -627,6 +640,8 @@ class _Parser:
                     del chunks[: len(chunks) - MAX_VMDESC_BYTES - 8]
             end = cur.pos
             origin = end - len(chunks)
+            if origin == device_offset:
+                self.tail_data = bytes(chunks)
             src = _OffsetBytes(bytes(chunks), origin)
         if eof is not None:
             # No device sections: the description (if any) follows the EOF byte directly.
@@ -696,6 +711,28 @@ def parse_stream(source: Source, base: int = 0, end: int | None = None,
     if end is None:
         end = source.size
     return _Parser(source, base, end, on_page).parse()
+
+
+PayloadSink = Callable[[int, int, "memoryview | None"], None]
+"""``sink(block_index, page_index, payload)``; ``None`` for a ZERO record. The view is only
+valid during the call's batch: copy it or write it out before the parser moves on."""
+
+
+def parse_stream_payloads(source: Source, on_page: PayloadSink, base: int = 0,
+                          end: int | None = None, on_setup: Callable[["_Parser"], None] | None = None,
+                          ) -> tuple[StreamLayout, bytes | None]:
+    """Like :func:`parse_stream`, handing over page payloads (for converters).
+
+    ``on_setup(parser)`` runs once the configuration and RAM block list are known
+    (``parser.configuration_record``, ``.ram_section_id``, ``.blocks``, ``.page_size``,
+    ``.capabilities``), before the first page. Also returns, for a source of unknown length
+    (a stream), the bytes from the first device section to the end, which can no longer be
+    read back once consumed.
+    """
+    if end is None:
+        end = source.size
+    p = _Parser(source, base, end, on_page, payloads=True, on_setup=on_setup)
+    return p.parse(), p.tail_data
 
 
 # --- bitmaps (ram.c ram_save_file_bmap: a raw dump of the host's unsigned long array) ------

@@ -56,7 +56,7 @@ def _is_mountpoint(path: str) -> bool:
 
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
-          log_file: str | None = None, cache: str | None = None) -> int:
+          log_file: str | None = None, cache: str | None = None, jobs: int = 1) -> int:
     import pyfuse3
     import trio
 
@@ -76,12 +76,14 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         raise RamfsError(f"{source} does not exist")
     tree = Tree(direct_io=direct_io, cache=cache)
     if os.path.isdir(source):
-        tree.mount_directory(source)
+        tree.mount_directory(source, convert_jobs=jobs)
     else:
         tree.mount_image(source)
     ops = Operations(tree)
     opts = set(pyfuse3.default_options)  # default_permissions
-    opts |= {"ro", f"fsname={FSNAME_PREFIX}:{source}", f"subtype={FSNAME_PREFIX}"}
+    opts |= {f"fsname={FSNAME_PREFIX}:{source}", f"subtype={FSNAME_PREFIX}"}
+    if tree.convert_dir is None:
+        opts.add("ro")  # one image: nothing is writable; a directory has convert/
     if allow_other:
         opts.add("allow_other")
     if debug:

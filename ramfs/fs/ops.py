@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
+import stat
+import time
 
 import pyfuse3
 import trio
 
 from ramfs.errors import ImageIOError, RamfsError
-from ramfs.fs.tree import BLOCK_BLKSIZE, DIR_MODE, FILE_MODE, ROOT_INODE, DirNode, FileNode, Node, Tree
+from ramfs.fs.convertdir import errno_of
+from ramfs.fs.tree import BLOCK_BLKSIZE, ROOT_INODE, DirNode, FileNode, Node, Tree
 
 log = logging.getLogger("ramfs.fs")
 
@@ -40,6 +44,13 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+def _file_reader(path: str):
+    def read(off: int, size: int) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, off)
+    return read
 
 
 def _invalidate_entry(parent_inode: int, name: bytes) -> None:
@@ -73,6 +84,12 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.limiter = trio.CapacityLimiter(MAX_WORKERS)
+        # Writers block in their thread while the converter catches up; they get their own
+        # threads so that reads are never starved by a fast copy into convert/.
+        self.write_limiter = trio.CapacityLimiter(MAX_WORKERS)
+        self._handles = itertools.count(1 << 40)
+        self._snapshots: dict[int, bytes] = {}
+        self._writers: dict = {}
         self._populating: dict[int, trio.Lock] = {}
         self.dynamic_root = tree.root is not None and tree.root.dynamic
         tree.on_entry_gone = _invalidate_entry
@@ -103,22 +120,29 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
-        timeout = DYNAMIC_TIMEOUT if isinstance(node, DirNode) and node.dynamic else ATTR_TIMEOUT
+        changing = node.dynamic if isinstance(node, DirNode) else (node.dynamic_data or node.conversion)
+        timeout = DYNAMIC_TIMEOUT if changing else ATTR_TIMEOUT
+        if isinstance(node, FileNode) and node.conversion is not None:
+            timeout = 0
         a.entry_timeout = timeout
         a.attr_timeout = timeout
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         if isinstance(node, DirNode):
-            a.st_mode = DIR_MODE
+            a.st_mode = node.mode
             a.st_nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
             a.st_size = 0
             a.st_blksize = 4096
             a.st_blocks = 0
         else:
             assert isinstance(node, FileNode)
-            a.st_mode = FILE_MODE
+            a.st_mode = node.mode
             a.st_nlink = 1
             a.st_size = node.size
+            if node.conversion is not None:
+                a.st_size = node.conversion.assembler.size
+            elif node.dynamic_data is not None:
+                a.st_size = len(node.dynamic_data())
             a.st_blocks = node.blocks
             a.st_blksize = BLOCK_BLKSIZE
         return a
@@ -170,7 +194,18 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
+            if node.conversion is not None:
+                raise pyfuse3.FUSEError(errno.EBUSY)
+            # An image is never overwritten: copying onto a finished conversion says so.
+            in_convert = self.tree.convert_dir is not None and node.name in self.tree.convert_dir.children \
+                and self.tree.convert_dir.children[node.name] is node and node.dynamic_data is None
+            raise pyfuse3.FUSEError(errno.EEXIST if in_convert else errno.EROFS)
+        if node.conversion is not None:
+            raise pyfuse3.FUSEError(errno.EBUSY)  # still being written
+        if node.dynamic_data is not None:
+            fh = next(self._handles)
+            self._snapshots[fh] = node.dynamic_data()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if node.stream and self.tree.direct_io:
             # Keep guest memory out of the page cache too: it is what --direct-io is for.
             return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
@@ -178,6 +213,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        if fh in self._snapshots:
+            return self._snapshots[fh][off:off + size]
         node = self._node(fh)
         if node.data is not None:
             return node.data[off:off + size]
@@ -189,12 +226,130 @@ class Operations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(node.reader, off, size, limiter=self.limiter)
 
     async def release(self, fh):
+        self._snapshots.pop(fh, None)
+        conv = self._writers.pop(fh, None)
+        if conv is not None and not conv.done.is_set():
+            # Closed without a flush we could answer: finish (and most likely fail) anyway, so
+            # nothing half-written survives.
+            try:
+                await trio.to_thread.run_sync(self.tree.converter.finish, conv)
+            except BaseException as e:  # noqa: BLE001 - already logged by the manager
+                log.debug("release of an unfinished conversion: %s", e)
         return None
+
+    # -- the convert/ directory (directory mode) -----------------------------------------
+    def _in_convert(self, parent_inode: int) -> bool:
+        return self.tree.convert_dir is not None and parent_inode == self.tree.convert_dir.inode
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        if not self._in_convert(parent_inode):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if name in self.tree.convert_dir.children:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        try:
+            conv = await trio.to_thread.run_sync(self.tree.converter.start, name, limiter=self.limiter)
+        except Exception as e:
+            raise pyfuse3.FUSEError(errno_of(e)) from None
+        node = self.tree.file(self.tree.convert_dir, name, time.time_ns(), mode=stat.S_IFREG | 0o644,
+                              conversion=conv)
+        fh = next(self._handles)
+        self._writers[fh] = conv
+        conv.node = node
+        return pyfuse3.FileInfo(fh=fh), self._attrs(node)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        conv = self._writers.get(fh)
+        if conv is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            await trio.to_thread.run_sync(conv.assembler.write, off, bytes(buf), limiter=self.write_limiter)
+        except Exception as e:
+            raise pyfuse3.FUSEError(errno_of(e)) from None
+        return len(buf)
+
+    @fuse_errors
+    async def flush(self, fh):
+        conv = self._writers.get(fh)
+        if conv is None:
+            return
+        if not conv.done.is_set() or conv.node.conversion is not None:
+            try:
+                await trio.to_thread.run_sync(self.tree.converter.finish, conv)
+            except Exception as e:
+                self._conversion_over(conv)
+                raise pyfuse3.FUSEError(errno_of(e)) from None
+            self._conversion_over(conv)
+        elif conv.error is not None:
+            raise pyfuse3.FUSEError(errno_of(conv.error))
+
+    def _conversion_over(self, conv) -> None:
+        """The in-flight file becomes the finished image (read-only) or disappears."""
+        node = conv.node
+        node.conversion = None
+        d = self.tree.convert_dir
+        if conv.published:
+            node.mode = stat.S_IFREG | 0o444
+            node.size = os.stat(conv.final_path).st_size
+            node.reader = _file_reader(conv.final_path)
+            node.stream = True
+            node.blocks = os.stat(conv.final_path).st_blocks
+            self.tree.rescan(force=True)
+        else:
+            if d.children.get(node.name) is node:
+                del d.children[node.name]
+            _invalidate_entry(d.inode, node.name)
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        conv = getattr(node, "conversion", None)
+        if conv is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if fields.update_size:
+            try:
+                conv.assembler.truncate(attr.st_size)
+            except Exception as e:
+                raise pyfuse3.FUSEError(errno_of(e)) from None
+        # Modes, owners and times of a file being converted are not kept (cp -a sets them).
+        return self._attrs(node)
+
+    async def _refuse(self, parent_inode, *args):
+        raise pyfuse3.FUSEError(errno.EPERM if self._in_convert(parent_inode) else errno.EROFS)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        await self._refuse(parent_inode)
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        await self._refuse(parent_inode)
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._refuse(parent_inode)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._refuse(parent_inode)
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        await self._refuse(parent_inode)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._refuse(parent_inode_old)
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        await self._refuse(new_parent_inode)
 
     @fuse_errors
     async def access(self, inode, mode, ctx):
-        self._node(inode)
-        return not mode & os.W_OK
+        node = self._node(inode)
+        return not mode & os.W_OK or bool(node.mode & 0o200)
 
     @fuse_errors
     async def statfs(self, ctx):

@@ -29,6 +29,7 @@ from typing import Callable
 from ramfs.errors import RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
+from ramfs.fs.convertdir import TMP_PREFIX
 from ramfs.fs.names import escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
@@ -39,6 +40,7 @@ ROOT_INODE = 1
 BLOCK_BLKSIZE = 1 << 20  # st_blksize of block files: tools then read in 1 MiB units
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+CONVERT_DIR = b"convert"
 RESCAN_INTERVAL = 1.0  # seconds between directory-mode rescans of the backing directory
 
 
@@ -60,6 +62,7 @@ class DirNode(Node):
     populate: Callable[["DirNode"], None] | None = None
     dynamic: bool = False  # may change (directory mode): short kernel cache timeouts
     path: str | None = None  # directory mode: the image file behind this directory
+    mode: int = DIR_MODE
 
     @property
     def is_dir(self) -> bool:
@@ -74,6 +77,9 @@ class FileNode(Node):
     reader: Callable[[int, int], bytes] | None = None  # large files read through the image
     has_data: Callable[[int, int], bool] | None = None  # False: the range reads as zeros, no I/O
     stream: bool = False  # content never changes and is costly: let the kernel cache it
+    mode: int = FILE_MODE
+    dynamic_data: Callable[[], bytes] | None = None  # generated at each open (STATUS)
+    conversion: object | None = None  # convert/: the conversion this file is being written to
 
 
 class Tree:
@@ -87,6 +93,8 @@ class Tree:
         self.cache = cache
         self.images: list[Image] = []
         self.root: DirNode | None = None
+        self.convert_dir: DirNode | None = None  # directory mode only
+        self.converter = None
         # Called with (parent inode, name) when directory mode drops or replaces an entry, so
         # the FUSE layer can make the kernel forget its cached dentry at once.
         self.on_entry_gone: Callable[[int, bytes], None] | None = None
@@ -166,13 +174,22 @@ class Tree:
         return self.mkdir(parent, name, mtime)
 
     # -- directory mode ----------------------------------------------------------------
-    def mount_directory(self, path: str) -> None:
+    def mount_directory(self, path: str, *, convert_jobs: int = 1) -> None:
+        from ramfs.fs.convertdir import ConvertManager
+
         self.backing = os.path.realpath(path)
         st = os.stat(self.backing)
         self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, dynamic=True))
         self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
         self._scanned_at = 0.0
-        self._dir_mtime = None
+        self.converter = ConvertManager(self.backing, jobs=convert_jobs, direct_io=self.direct_io)
+        stale = self.converter.cleanup_stale()
+        if stale:
+            log.info("removed %d stale conversion temporaries from %s", stale, self.backing)
+        self.convert_dir = self.add(DirNode(self.new_inode(), CONVERT_DIR, st.st_mtime_ns,
+                                            mode=stat.S_IFDIR | 0o755, dynamic=True), self.root)
+        self.file(self.convert_dir, b"STATUS", st.st_mtime_ns, size=0,
+                  dynamic_data=self.converter.status_text)
         self.rescan(force=True)
 
     def rescan(self, force: bool = False) -> None:
@@ -199,6 +216,8 @@ class Tree:
                 except OSError:
                     continue
                 name = os.fsencode(entry.name)
+                if name.startswith(TMP_PREFIX.encode()) or name == CONVERT_DIR:
+                    continue  # our own temporaries; the name of the convert directory
                 key = (st.st_ino, st.st_size, st.st_mtime_ns)
                 old = self._entries.get(name)
                 if old is not None and old[0] == key:

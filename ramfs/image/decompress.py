@@ -14,6 +14,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import threading
 import zlib
 import zstandard
 
@@ -26,11 +27,16 @@ _ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, V
 class Decompressor:
     """``read(n)`` over the decompressed stream of a file region; errors become FormatError."""
 
-    def __init__(self, path: str, offset: int, fmt: SaveFormat):
+    def __init__(self, path: str | None, offset: int, fmt: SaveFormat, fileobj=None):
+        """Decompress ``path`` from ``offset``, or the file-like ``fileobj`` from where it is."""
         self.fmt = fmt
         self._proc: subprocess.Popen | None = None
-        self._raw = open(path, "rb")
-        self._raw.seek(offset)
+        self._feeder: threading.Thread | None = None
+        if fileobj is None:
+            self._raw = open(path, "rb")
+            self._raw.seek(offset)
+        else:
+            self._raw = fileobj
         self._stream = None
         try:
             if fmt == SaveFormat.GZIP:
@@ -45,14 +51,36 @@ class Decompressor:
                 prog = shutil.which("lzop")
                 if prog is None:
                     raise UnsupportedError("lzop-compressed image, but the lzop program is not installed")
-                self._proc = subprocess.Popen([prog, "-dc", "--ignore-warn"], stdin=self._raw,
+                has_fd = True
+                try:
+                    self._raw.fileno()
+                except (AttributeError, OSError, ValueError):
+                    has_fd = False
+                self._proc = subprocess.Popen([prog, "-dc", "--ignore-warn"],
+                                              stdin=self._raw if has_fd else subprocess.PIPE,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                if not has_fd:
+                    # A stream without a descriptor (a copy arriving through FUSE): feed lzop.
+                    self._feeder = threading.Thread(target=self._feed, daemon=True)
+                    self._feeder.start()
                 self._stream = self._proc.stdout
             else:
                 raise FormatError(f"format {fmt.label} is not compressed")
         except BaseException:
             self.close()
             raise
+
+    def _feed(self) -> None:
+        try:
+            while data := self._raw.read(1 << 20):
+                self._proc.stdin.write(data)
+        except (OSError, ValueError):
+            pass  # lzop exited early; its status tells why
+        finally:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
 
     def read(self, n: int) -> bytes:
         try:
@@ -78,6 +106,8 @@ class Decompressor:
                 self._proc.kill()
             self._proc.wait()
             self._proc.stderr.close()
+            if self._feeder is not None:
+                self._feeder.join(timeout=10)
 
     def __enter__(self):
         return self

@@ -1,0 +1,342 @@
+"""Sequential -> mapped-ram conversion, streaming: the source is read once, in order.
+
+The input is any save image ramfs reads, given as a byte stream (a file, or the bytes of a
+``cp`` arriving through FUSE): libvirt-wrapped or bare, raw or compressed (decompressed on the
+fly). The output is what QEMU 10 writes with capability ``mapped-ram`` and libvirt 11.3 calls
+format 6 ("sparse"): see docs/formats.md, "Conversion". An input that is already mapped-ram is
+stored as it is, holes kept. Memory stays bounded by the bitmaps (and a bounded device-state
+tail), never by the image size.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, UnsupportedError
+from ramfs.format import encode
+from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, SaveFormat, is_libvirt_magic,
+                                  parse_header)
+from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, SectionType, StreamLayout,
+                               is_qemu_magic, parse_stream_payloads)
+from ramfs.format.source import ForwardSource
+from ramfs.convert.writer import MappedRamWriter, plan_blocks
+
+COPY_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(4096)
+
+Progress = Callable[[int], None]  # bytes of input consumed so far
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    container: str  # "libvirt" or "bare"
+    source_format: str  # libvirt format label, or "qemu"
+    already_sparse: bool  # stored as it was
+    pages_written: int
+    zero_pages: int
+    size: int  # logical size of the output
+    seconds: float
+    populated: tuple[int, ...] = ()  # per block: pages whose final content is not zero
+
+
+class _Input:
+    """The input stream with a count of bytes consumed (for progress)."""
+
+    def __init__(self, read: Callable[[int], bytes], progress: Progress | None):
+        self._read = read
+        self.pos = 0
+        self.progress = progress
+        self._pending = b""
+
+    def read(self, n: int) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            self.pos += len(data)
+            return data
+        data = self._read(n)
+        self.pos += len(data)
+        if self.progress is not None:
+            self.progress(self.pos)
+        return data
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.read(min(n - len(out), COPY_CHUNK))
+            if not chunk:
+                raise FormatError(f"input ends inside {what} ({len(out)} of {n} bytes)", self.pos)
+            out += chunk
+        return bytes(out)
+
+    def unread(self, data: bytes) -> None:
+        self._pending = data + self._pending
+        self.pos -= len(data)
+
+
+class _FileLike(io.RawIOBase):
+    """A read-only file object over ``_Input`` for the decompressors."""
+
+    def __init__(self, src: _Input):
+        self.src = src
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.src.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, direct_fd: int | None = None,
+                   progress: Progress | None = None) -> ConvertResult:
+    """Convert the image whose bytes ``read`` returns into the empty file ``fd``.
+
+    On success the file holds a complete image (libvirt's ``LibvirtQemudSave`` magic written
+    last, after an fsync); on failure it holds garbage and the caller removes it.
+    """
+    t0 = time.monotonic()
+    src = _Input(read, progress)
+    head = src.read_exact(4, "the first bytes")
+    if head == b"Libv":
+        head += src.read_exact(LIBVIRT_HEADER_SIZE - 4, "the libvirt header")
+        if not is_libvirt_magic(head):
+            raise NotAnImageError("not a save image (bad libvirt magic)")
+        return _convert_libvirt(src, head, fd, jobs, direct_fd, t0)
+    if is_qemu_magic(head):
+        src.unread(head)
+        return _convert_qemu(src, fd, 0, None, jobs, direct_fd, t0, "bare", "qemu")
+    raise NotAnImageError("not a save image (neither a libvirt header nor a QEMU stream)")
+
+
+def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0) -> ConvertResult:
+    if raw_header[:16] == QEMU_SAVE_PARTIAL:
+        raise FormatError("incomplete save image: libvirt never finished writing it (magic LibvirtQemudPart)", 0)
+    h = parse_header(raw_header)
+    data_area = src.read_exact(h.data_len, "the libvirt data area (domain XML)")
+    fmt = h.effective_format
+    if fmt == SaveFormat.SPARSE:
+        _pwrite_all(fd, raw_header + data_area, 0)
+        size = _copy_sparse(src, fd, LIBVIRT_HEADER_SIZE + h.data_len)
+        return ConvertResult("libvirt", fmt.label, True, 0, 0, size, time.monotonic() - t0)
+    # Part magic until the image is complete, as libvirt's virQEMUSaveDataWrite does.
+    _pwrite_all(fd, encode.libvirt_header(h, raw_header, format=SaveFormat.SPARSE, complete=False)
+                + data_area, 0)
+    stream = src
+    dec = None
+    if fmt.compressed:
+        from ramfs.image.decompress import Decompressor
+        dec = Decompressor(None, 0, fmt, fileobj=_FileLike(src))
+        stream = dec
+    try:
+        result = _convert_qemu(stream, fd, h.stream_offset, h, jobs, direct_fd, t0, "libvirt", fmt.label)
+    finally:
+        if dec is not None:
+            dec.close()
+    return result
+
+
+def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, container, source_format):
+    # Peek at the configuration: a mapped-ram stream is stored as it is.
+    first = b""
+    while len(first) < 4096 and (chunk := stream.read(4096 - len(first))):
+        first += chunk
+    fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
+    state: dict = {}
+
+    def on_setup(parser) -> None:
+        conf = parser.configuration_record
+        if conf is None:
+            raise UnsupportedError("the stream has no configuration section, so it cannot announce "
+                                   "mapped-ram (saved with send-configuration=off)")
+        if CAP_MAPPED_RAM in parser.capabilities:
+            raise FormatError("internal: a mapped-ram stream reached the sequential converter")
+        if CAP_X_IGNORE_SHARED in parser.capabilities:
+            raise UnsupportedError("x-ignore-shared streams cannot be converted: QEMU 10.0 cannot "
+                                   "restore mapped-ram with x-ignore-shared")
+        caps = encode.with_capability(parser.capabilities, CAP_MAPPED_RAM)
+        head = (encode.file_header() + encode.configuration(conf, caps)
+                + encode.section_start(parser.ram_section_id)
+                + encode.mem_size(sum(b.used_length for b in parser.blocks)))
+        layout = plan_blocks(tuple(parser.blocks), base + len(head), parser.page_size)
+        _pwrite_all(fd, head, base)
+        for blk in layout:
+            record = encode.block_record(blk.record.idstr, blk.record.used_length)
+            _pwrite_all(fd, record + encode.mapped_ram_header(parser.page_size, blk.bitmap_offset,
+                                                              blk.pages_offset),
+                        blk.header_offset - len(record))
+        state["layout"] = layout
+        state["writer"] = MappedRamWriter(fd, layout, parser.page_size, jobs=jobs, direct_fd=direct_fd)
+
+    def on_page(block, page, payload) -> None:
+        state["writer"].page(block, page, payload)
+
+    if len(first) >= 4 and is_qemu_magic(first):
+        probe = _peek_caps(first)
+        if probe is not None and CAP_MAPPED_RAM in probe:
+            if lv_header is not None and lv_header.effective_format != SaveFormat.RAW:
+                raise UnsupportedError("a mapped-ram stream inside a compressed libvirt image")
+            _pwrite_all(fd, first, base)
+            size = _copy_sparse(_Input(stream.read, None), fd, base + len(first))
+            return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
+    try:
+        layout_src, tail = parse_stream_payloads(fwd, on_page, 0, None, on_setup=on_setup)
+    except BaseException:
+        if "writer" in state:
+            state["writer"].abort()
+        raise
+    writer: MappedRamWriter = state["writer"]
+    writer.finish()
+    size = _write_stream_tail(fd, base, state["layout"], layout_src, tail)
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+    if direct_fd is not None:
+        os.fsync(direct_fd)
+    if lv_header is not None:
+        raw = os.pread(fd, LIBVIRT_HEADER_SIZE, 0)
+        _pwrite_all(fd, encode.libvirt_header(lv_header, raw, format=SaveFormat.SPARSE, complete=True), 0)
+        os.fsync(fd)
+    populated = tuple(int.from_bytes(bm, "little").bit_count() for bm in writer.bitmaps)
+    return ConvertResult(container, source_format, False, writer.pages_written, writer.zero_pages, size,
+                         time.monotonic() - t0, populated)
+
+
+class _Prepend:
+    """``read(n)`` that first returns ``head``, then the rest of ``read``."""
+
+    def __init__(self, head: bytes, read: Callable[[int], bytes]):
+        self.head = head
+        self._read = read
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self._read(n)
+
+
+def _peek_caps(first: bytes) -> tuple[str, ...] | None:
+    """Capabilities from the configuration at the start of ``first`` (None if not there)."""
+    from ramfs.format.qemu import parse_configuration
+    from ramfs.format.source import BytesSource
+    try:
+        conf = parse_configuration(BytesSource(first), 0)
+    except FormatError:
+        return None
+    return conf.capabilities if conf else ()
+
+
+def _write_stream_tail(fd: int, base: int, layout, src: StreamLayout, tail: bytes | None) -> int:
+    """After the last region: close the RAM START, one PART and the END (each just EOS, as
+    QEMU writes them under mapped-ram), SWITCHOVER_START if the source had it, then the
+    device state verbatim with the VM description updated. Returns the file size."""
+    sid = src.ram_section_id
+    foot = encode.footer(sid) if src.footers else b""
+    out = bytearray(encode.eos() + foot)
+    out += encode.section_part_end(SectionType.SECTION_PART, sid) + encode.eos() + foot
+    if src.switchover_start:
+        out += encode.command(MigCmd.SWITCHOVER_START)
+    out += encode.section_part_end(SectionType.SECTION_END, sid) + encode.eos() + foot
+    if tail is None:
+        raise UnsupportedError("the device state after RAM is too large to carry over (over 64 MiB)")
+    if src.vmdesc_offset is not None and src.vmdesc is not None:
+        cut = src.vmdesc_offset - src.device_offset
+        out += tail[:cut]
+        out += encode.vmdesc_section(encode.vmdesc_with_mapped_ram(src.vmdesc))
+    else:
+        out += tail
+    pos = layout[-1].end
+    _pwrite_all(fd, bytes(out), pos)
+    return pos + len(out)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    try:
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as e:
+        raise ImageIOError(f"writing the converted image failed: {e.strerror}", e.errno) from None
+
+
+def _copy_sparse(src: _Input, fd: int, offset: int) -> int:
+    """Copy the rest of ``src`` to ``fd`` at ``offset``, leaving all-zero 4 KiB blocks as holes."""
+    pos = offset
+    while True:
+        data = src.read(COPY_CHUNK)
+        if not data:
+            break
+        view = memoryview(data)
+        i = 0
+        while i < len(view):
+            # Align pieces to 4 KiB of the output so that holes are whole file-system blocks.
+            n = min(len(view) - i, 4096 - (pos + i) % 4096)
+            piece = view[i:i + n]
+            if n != 4096 or piece.tobytes() != _ZERO_BLOCK:
+                _pwrite_all(fd, piece, pos + i)
+            i += n
+        pos += len(view)
+    try:
+        os.ftruncate(fd, pos)
+        os.fsync(fd)
+    except OSError as e:
+        raise ImageIOError(f"writing the converted image failed: {e.strerror}", e.errno) from None
+    return pos
+
+
+def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
+                 progress: Progress | None = None) -> ConvertResult:
+    """Convert the image ``src`` into a new file ``dst`` (never overwritten).
+
+    The output is written under a temporary name beside ``dst`` and appears under ``dst``
+    only once complete and checked; on any failure nothing is left behind.
+    """
+    from ramfs.convert.verify import verify_output
+
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst):
+        raise RamfsError(f"{dst} already exists")
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.ramfs-{os.getpid()}.tmp")
+    try:
+        fin = open(src, "rb", buffering=0)
+    except OSError as e:
+        raise ImageIOError(f"cannot open {src}: {e.strerror}", e.errno) from None
+    fd = direct_fd = -1
+    try:
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if direct_io:
+                direct_fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if direct_io and e.errno == errno.EINVAL:
+                raise ImageIOError(f"{os.path.dirname(dst)} does not support O_DIRECT", e.errno) from None
+            raise ImageIOError(f"cannot create {tmp}: {e.strerror}", e.errno) from None
+        with fin:
+            result = convert_stream(fin.read, fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
+                                    progress=progress)
+        verify_output(tmp, result)
+        _link_into_place(tmp, dst)
+        return result
+    finally:
+        for f in (fd, direct_fd):
+            if f >= 0:
+                os.close(f)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _link_into_place(tmp: str, dst: str) -> None:
+    """Publish ``tmp`` as ``dst`` without ever replacing an existing file."""
+    try:
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise RamfsError(f"{dst} already exists") from None
+    except OSError as e:
+        raise ImageIOError(f"cannot create {dst}: {e.strerror}", e.errno) from None

@@ -1,0 +1,328 @@
+"""The ``convert/`` directory: images copied in are converted as their bytes arrive.
+
+A write stream becomes a ``read(n)`` stream for the converter through :class:`Assembler`:
+in-order bytes are handed over in memory (bounded, with back-pressure on the writer), bytes
+that arrive ahead of the current position wait in a sparse spool file, and at the end
+(``flush``) any range never written reads as zeros, as it would in a file (``cp`` skips the
+holes of sparse sources). Only a rewrite of bytes already consumed cannot be honoured.
+
+The result is written under a hidden temporary name in the backing directory and linked to
+its final name only when complete and checked; it never replaces an existing file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ramfs.convert.core import ConvertResult, convert_stream
+from ramfs.convert.verify import verify_output
+from ramfs.errors import ImageIOError, RamfsError
+
+log = logging.getLogger("ramfs.convert")
+
+TMP_PREFIX = ".ramfs-convert."
+QUEUE_LIMIT = 32 << 20  # in-memory bytes between the writer and the converter
+READ_CHUNK = 1 << 20
+
+
+class ConversionFailed(RamfsError):
+    def __init__(self, message: str, errno_: int):
+        super().__init__(message)
+        self.errno = errno_
+
+
+class Assembler:
+    """Positioned writes in, an in-order byte stream out (see the module docstring)."""
+
+    def __init__(self, spool_path: str):
+        self._cv = threading.Condition()
+        self._queue: deque = deque()  # bytes, or (start, end) ranges to read from the spool
+        self._queued = 0
+        self.expected = 0  # end of the contiguous prefix handed to the reader
+        self._rpos = 0  # what the reader consumed
+        self._spool_path = spool_path
+        self._spool_fd = -1
+        self._ahead: list[list[int]] = []  # sorted, disjoint [start, end) spooled ranges
+        self.size = 0  # highest offset written or set
+        self._eof = False
+        self.error: BaseException | None = None
+
+    # -- writer side (FUSE write handlers, in worker threads) ---------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        with self._cv:
+            self._check()
+            if self._eof:
+                raise ConversionFailed("the file was already closed", errno.EBADF)
+            if offset < self.expected:
+                self.error = ConversionFailed(
+                    f"rewrite of bytes {offset}..{end} that were already converted", errno.EINVAL)
+                self._cv.notify_all()
+                raise self.error
+            self.size = max(self.size, end)
+            if offset == self.expected:
+                self._queue.append(data)
+                self._queued += len(data)
+                self.expected = end
+                self._promote()
+            else:
+                self._spool(offset, data)
+            self._cv.notify_all()
+            while self._queued > QUEUE_LIMIT and self.error is None:
+                self._cv.wait()
+            self._check()
+
+    def truncate(self, size: int) -> None:
+        with self._cv:
+            if size < self.expected:
+                self.error = ConversionFailed("truncation below bytes already converted", errno.EINVAL)
+                self._cv.notify_all()
+                raise self.error
+            self.size = size
+
+    def close_input(self) -> None:
+        with self._cv:
+            self._eof = True
+            self._cv.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cv:
+            if self.error is None:
+                self.error = exc
+            self._cv.notify_all()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _spool(self, offset: int, data: bytes) -> None:
+        if self._spool_fd < 0:
+            self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        view = memoryview(data)
+        pos = offset
+        while view:
+            n = os.pwrite(self._spool_fd, view, pos)
+            view = view[n:]
+            pos += n
+        end = offset + len(data)
+        i = bisect.bisect_left(self._ahead, [offset, offset])
+        # Merge with overlapping or touching neighbours.
+        if i > 0 and self._ahead[i - 1][1] >= offset:
+            i -= 1
+            offset = min(offset, self._ahead[i][0])
+        j = i
+        while j < len(self._ahead) and self._ahead[j][0] <= end:
+            end = max(end, self._ahead[j][1])
+            j += 1
+        self._ahead[i:j] = [[offset, end]]
+
+    def _promote(self) -> None:
+        """Spooled ranges that now continue the in-order prefix join the queue."""
+        while self._ahead and self._ahead[0][0] <= self.expected:
+            start, end = self._ahead.pop(0)
+            if end > self.expected:
+                self._queue.append((self.expected, end))
+                self.expected = end
+
+    # -- reader side (the converter thread) ---------------------------------------------
+    def read(self, n: int) -> bytes:
+        with self._cv:
+            while True:
+                self._check()
+                if self._queue:
+                    data = self._take(n)
+                    self._rpos += len(data)
+                    self._cv.notify_all()
+                    return data
+                if self._eof:
+                    # Past the written prefix once the writer is done: holes read as zeros,
+                    # spooled data follows them.
+                    if self._rpos >= self.size:
+                        return b""
+                    nxt = self._ahead[0][0] if self._ahead else self.size
+                    if nxt > self._rpos:
+                        take = min(n, nxt - self._rpos)
+                        self._rpos += take
+                        self.expected = self._rpos
+                        return bytes(take)
+                    self._promote()
+                    continue
+                self._cv.wait()
+
+    def _take(self, n: int) -> bytes:
+        item = self._queue[0]
+        if isinstance(item, tuple):
+            start, end = item
+            take = min(n, end - start)
+            data = os.pread(self._spool_fd, take, start)
+            if len(data) < take:  # a hole at the end of the spool reads as zeros
+                data += bytes(take - len(data))
+            if start + take == end:
+                self._queue.popleft()
+            else:
+                self._queue[0] = (start + take, end)
+            return data
+        data = item[:n]
+        if len(data) == len(item):
+            self._queue.popleft()
+        else:
+            self._queue[0] = item[n:]
+        self._queued -= len(data)
+        return data
+
+    @property
+    def consumed(self) -> int:
+        return self._rpos
+
+    def close(self) -> None:
+        if self._spool_fd >= 0:
+            os.close(self._spool_fd)
+            self._spool_fd = -1
+        try:
+            os.unlink(self._spool_path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(eq=False)
+class Conversion:
+    """One file being copied into ``convert/``."""
+
+    name: bytes
+    final_path: str
+    tmp_path: str
+    assembler: Assembler
+    started: float = field(default_factory=time.monotonic)
+    thread: threading.Thread | None = None
+    result: ConvertResult | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    published: bool = False
+
+    @property
+    def state(self) -> str:
+        if not self.done.is_set():
+            return "converting"
+        return "done" if self.published else "failed"
+
+
+class ConvertManager:
+    """Runs conversions into ``backing`` and publishes them (FUSE-independent)."""
+
+    def __init__(self, backing: str, *, jobs: int = 1, direct_io: bool = False):
+        self.backing = backing
+        self.jobs = jobs
+        self.direct_io = direct_io
+        self.active: dict[bytes, Conversion] = {}
+        self.finished: dict[bytes, Conversion] = {}
+        self._lock = threading.Lock()
+        self.on_published = None  # callback(name) after a result got its final name
+
+    def cleanup_stale(self) -> int:
+        """Remove temporaries left by a daemon that died mid-conversion."""
+        n = 0
+        for entry in os.scandir(self.backing):
+            if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                    n += 1
+                except OSError as e:
+                    log.warning("cannot remove stale %s: %s", entry.path, e.strerror)
+        return n
+
+    def start(self, name: bytes) -> Conversion:
+        fname = os.fsdecode(name)
+        final = os.path.join(self.backing, fname)
+        with self._lock:
+            if name in self.active or os.path.lexists(final):
+                raise ConversionFailed(f"{fname} already exists", errno.EEXIST)
+            token = secrets.token_hex(4)
+            tmp = os.path.join(self.backing, f"{TMP_PREFIX}{token}.{fname[:180]}.tmp")
+            conv = Conversion(name, final, tmp, Assembler(tmp + ".spool"))
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self.active[name] = conv
+        conv.thread = threading.Thread(target=self._run, args=(conv, fd), name=f"convert {fname}",
+                                       daemon=True)
+        conv.thread.start()
+        return conv
+
+    def _run(self, conv: Conversion, fd: int) -> None:
+        direct_fd = None
+        try:
+            if self.direct_io:
+                direct_fd = os.open(conv.tmp_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            conv.result = convert_stream(conv.assembler.read, fd, jobs=self.jobs, direct_fd=direct_fd)
+            if conv.assembler.read(1):
+                raise ConversionFailed("data continues after the end of the save image", errno.EINVAL)
+        except BaseException as e:  # reported to the writer at flush
+            conv.error = e
+            conv.assembler.fail(e)
+        finally:
+            os.close(fd)
+            if direct_fd is not None:
+                os.close(direct_fd)
+            conv.done.set()
+
+    def finish(self, conv: Conversion) -> None:
+        """Called at flush: the input is complete. Blocks; raises on failure (nothing kept)."""
+        conv.assembler.close_input()
+        conv.done.wait()
+        try:
+            if conv.error is not None:
+                raise conv.error
+            verify_output(conv.tmp_path, conv.result)
+            try:
+                os.link(conv.tmp_path, conv.final_path)
+            except FileExistsError:
+                raise ConversionFailed(f"{conv.final_path} appeared meanwhile", errno.EEXIST) from None
+            conv.published = True
+            log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, conv.result.source_format,
+                     sum(conv.result.populated), time.monotonic() - conv.started)
+        except BaseException as e:
+            conv.error = e
+            log.warning("conversion of %s failed: %s", os.fsdecode(conv.name), e)
+            raise
+        finally:
+            for p in (conv.tmp_path,):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            conv.assembler.close()
+            with self._lock:
+                self.active.pop(conv.name, None)
+                if conv.published:
+                    self.finished[conv.name] = conv
+            if conv.published and self.on_published is not None:
+                self.on_published(conv.name)
+
+    def status_text(self) -> bytes:
+        lines = []
+        with self._lock:
+            convs = list(self.active.values()) + list(self.finished.values())
+        for c in convs:
+            lines.append(f"{os.fsdecode(c.name)}\t{c.state}\t{c.assembler.consumed}\t{c.assembler.size}\t"
+                         f"{time.monotonic() - c.started:.1f}s")
+        return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def errno_of(exc: BaseException) -> int:
+    """What ``cp`` sees when a conversion fails: EINVAL for a bad image, else the I/O error."""
+    from ramfs.errors import FormatError
+    if isinstance(exc, ConversionFailed):
+        return exc.errno
+    if isinstance(exc, ImageIOError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, FormatError):
+        return errno.EINVAL
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

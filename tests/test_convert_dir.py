@@ -1,0 +1,202 @@
+"""Converting by copying: ``cp IMAGE MOUNTPOINT/convert/`` through a real FUSE mount."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sparse_copy
+from fixture_data import MANIFEST, fixture_path
+from mountutil import mounted
+from ramfs.convert import convert_file
+from ramfs.image import open_image
+
+SEQUENTIAL = [e["decompressed_path"] for e in MANIFEST
+              if e["kind"] == "image" and e["qemu_encoding"] == "sequential"]
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+def no_temporaries(backing: Path) -> bool:
+    return not [p for p in os.listdir(backing) if p.startswith(".ramfs-convert")]
+
+
+@pytest.fixture
+def backing(tmp_path):
+    d = tmp_path / "saves"
+    d.mkdir()
+    return d
+
+
+def test_cp_of_every_sequential_fixture_equals_the_cli_conversion(backing, tmp_path):
+    """Same bytes as ``ramfs convert`` (whose output real QEMU restores: test_convert.py)."""
+    mp = tmp_path / "mp"
+    with mounted(backing, mp):
+        for i, name in enumerate(SEQUENTIAL):
+            src = fixture_path(name)
+            before = sha(src)
+            dst = f"{i}-{Path(name).name}"
+            r = subprocess.run(["cp", str(src), str(mp / "convert" / dst)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            assert sha(src) == before  # the source is never modified
+            cli = tmp_path / f"cli-{dst}"
+            convert_file(str(src), str(cli))
+            assert sha(backing / dst) == sha(cli), name
+            # It shows up as an image of the mount, and in convert/ with the converted bytes.
+            assert (mp / dst / "ram" / "pc.ram").stat().st_size > 0
+            assert sha(mp / "convert" / dst) == sha(cli)
+            with open_image(backing / dst) as out, open_image(src) as orig:
+                assert out.encoding == "mapped-ram"
+                for a, b in zip(out.blocks, orig.blocks):
+                    assert out.read(a, 0, a.used_length) == orig.read(b, 0, b.used_length)
+        status = (mp / "convert" / "STATUS").read_text()
+        assert status.count("\tdone\t") == len(SEQUENTIAL)
+    assert no_temporaries(backing)
+
+
+def test_sparse_image_is_stored_as_is(backing, tmp_path):
+    mp = tmp_path / "mp"
+    src = fixture_path("libvirt/fw-pc-sparse.img")
+    with mounted(backing, mp):
+        r = subprocess.run(["cp", "--sparse=always", str(src), str(mp / "convert" / "s.save")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert sha(backing / "s.save") == sha(src)
+    assert (backing / "s.save").stat().st_blocks * 512 < 8 << 20  # holes kept
+
+
+def test_out_of_order_writes_and_gaps(backing, tmp_path):
+    """Chunks written in shuffled order (and the zero padding never written) still convert."""
+    mp = tmp_path / "mp"
+    src = fixture_path("libvirt/fw-pc-raw.img")
+    data = src.read_bytes()
+    with mounted(backing, mp):
+        fd = os.open(mp / "convert" / "shuffled.save", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            chunks = [(o, data[o:o + 65536]) for o in range(0, len(data), 65536)]
+            rng = random.Random(4)
+            head, rest = chunks[:4], chunks[4:]
+            for k in range(0, len(rest) - 8, 8):  # local shuffles, like reordered writeback
+                window = rest[k:k + 8]
+                rng.shuffle(window)
+                rest[k:k + 8] = window
+            for off, chunk in rest + head:
+                if chunk.count(0) == len(chunk):
+                    continue  # a hole: never written, must read as zeros
+                os.pwrite(fd, chunk, off)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+    cli = tmp_path / "cli.save"
+    convert_file(str(src), str(cli))
+    assert sha(backing / "shuffled.save") == sha(cli)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"hello" * 1000, os.urandom(1 << 20)], ids=["empty", "text", "random"])
+def test_garbage_fails_cp_with_einval(backing, tmp_path, garbage):
+    mp = tmp_path / "mp"
+    src = tmp_path / "garbage.bin"
+    src.write_bytes(garbage)
+    with mounted(backing, mp):
+        r = subprocess.run(["cp", str(src), str(mp / "convert" / "g.save")], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "Invalid argument" in r.stderr
+        assert not (mp / "convert" / "g.save").exists()
+        assert "g.save" not in os.listdir(mp)
+    assert os.listdir(backing) == []
+
+
+def test_truncated_image_fails_and_leaves_nothing(backing, tmp_path):
+    mp = tmp_path / "mp"
+    src = tmp_path / "cut.save"
+    data = fixture_path("firmware/q35-sequential.img").read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    with mounted(backing, mp):
+        r = subprocess.run(["cp", str(src), str(mp / "convert" / "cut.save")], capture_output=True, text=True)
+        assert r.returncode != 0 and "Invalid argument" in r.stderr
+    assert os.listdir(backing) == []
+
+
+def test_existing_name_is_never_overwritten(backing, tmp_path):
+    mp = tmp_path / "mp"
+    (backing / "taken.save").write_bytes(b"precious")
+    with mounted(backing, mp):
+        r = subprocess.run(["cp", str(fixture_path("firmware/pc-sequential.img")), str(mp / "convert" / "taken.save")],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "File exists" in r.stderr
+        r = subprocess.run(["cp", str(fixture_path("firmware/pc-sequential.img")), str(mp / "convert" / "new.save")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0
+        r = subprocess.run(["cp", str(fixture_path("firmware/q35-sequential.img")), str(mp / "convert" / "new.save")],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "File exists" in r.stderr
+    assert (backing / "taken.save").read_bytes() == b"precious"
+    with open_image(backing / "new.save") as img:
+        assert img.layout.machine == "pc-i440fx-10.0"
+    assert no_temporaries(backing)
+
+
+def test_cp_killed_half_way_leaves_nothing(backing, tmp_path):
+    """SIGKILL during the copy: the kernel still flushes; the conversion fails and is removed."""
+    mp = tmp_path / "mp"
+    big = fixture_path("libvirt/fw-pc-raw.img")
+    with mounted(backing, mp):
+        # A writer that stops half way and is then killed (its whole process group).
+        p = subprocess.Popen(["sh", "-c", f"(head -c 600000 {big}; sleep 30) > {mp}/convert/killed.save"],
+                             start_new_session=True)
+        deadline = time.monotonic() + 20
+        while "killed.save" not in os.listdir(mp / "convert"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 20
+        while "killed.save" in os.listdir(mp / "convert"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "killed.save" not in os.listdir(mp)
+    assert os.listdir(backing) == []
+
+
+def test_enospc_in_the_backing_directory(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        mp = tmp_path / "mp"
+        with mounted(small, mp):
+            r = subprocess.run(["cp", str(fixture_path("libvirt/fw-pc-raw.img")), str(mp / "convert" / "x.save")],
+                               capture_output=True, text=True)
+            assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_convert_dir_permissions_and_readonly_rest(backing, tmp_path):
+    mp = tmp_path / "mp"
+    sparse_copy(fixture_path("firmware/pc-mapped-ram.img"), backing / "a.save")
+    with mounted(backing, mp):
+        st = (mp / "convert").stat()
+        assert st.st_mode & 0o777 == 0o755 and st.st_uid == os.getuid()
+        for bad in (mp / "new.txt", mp / "a.save" / "x", mp / "a.save" / "ram" / "y"):
+            with pytest.raises(OSError):
+                bad.write_bytes(b"x")
+        with pytest.raises(OSError):
+            os.mkdir(mp / "convert" / "d")
+        with pytest.raises(OSError):
+            open(mp / "a.save" / "ram" / "pc.ram", "r+b")
