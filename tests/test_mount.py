@@ -88,8 +88,8 @@ def test_mixed_unaligned_reads_match_ground_truth(fixture_mounts):
 
 def test_directory_mode_shows_only_images(fixture_mounts):
     names = sorted(os.listdir(fixture_mounts / "firmware"))
-    assert names == sorted(e["decompressed_path"].split("/")[1] for e in IMAGES
-                           if e["decompressed_path"].startswith("firmware/"))
+    assert names == sorted(["convert"] + [e["decompressed_path"].split("/")[1] for e in IMAGES
+                                          if e["decompressed_path"].startswith("firmware/")])
     assert "pc-pmemsave.bin" not in names
 
 
@@ -227,7 +227,7 @@ def test_directory_mode_follows_the_backing_directory(tmp_path, mutable):
     os.symlink(fixture_path("firmware/q35-sequential.img"), backing / "link.save")
     mp = tmp_path / "mp"
     with mounted(backing, mp):
-        assert sorted(os.listdir(mp)) == ["a.save", "b.save", "broken.save"]
+        assert sorted(os.listdir(mp)) == ["a.save", "b.save", "broken.save", "convert"]
         err = (mp / "broken.save" / "ERROR").read_text()
         assert "past the end of the file" in err or "ends" in err
         assert os.listdir(mp / "broken.save") == ["ERROR"]
