@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:

@@ -37,15 +37,33 @@ class PageIndex:
 
     def __init__(self, num_blocks: int):
         self.chunks: list[dict[int, array]] = [{} for _ in range(num_blocks)]
+        # Per chunk, a bitmap of the pages with data (LSB-first, like mapped-ram's): lets
+        # reads skip zero runs and maps/ list ranges without visiting every page.
+        self.bits: list[dict[int, bytearray]] = [{} for _ in range(num_blocks)]
+
+    def add_blocks(self, n: int) -> None:
+        while len(self.chunks) < n:
+            self.chunks.append({})
+            self.bits.append({})
 
     def sink(self, block: int, page: int, offset: int) -> None:
-        chunks = self.chunks[block]
-        c = chunks.get(page >> CHUNK_SHIFT)
+        no = page >> CHUNK_SHIFT
+        c = self.chunks[block].get(no)
         if c is None:
             if not offset:
                 return
-            c = chunks[page >> CHUNK_SHIFT] = array("q", _ZERO_CHUNK)
-        c[page & CHUNK_MASK] = offset
+            c = self.chunks[block][no] = array("q", _ZERO_CHUNK)
+            self.bits[block][no] = bytearray(CHUNK_PAGES // 8)
+        i = page & CHUNK_MASK
+        c[i] = offset
+        bm = self.bits[block][no]
+        if offset:
+            bm[i >> 3] |= 1 << (i & 7)
+        else:
+            bm[i >> 3] &= ~(1 << (i & 7))
+
+    def chunk_bits(self, block: int, chunk_no: int) -> bytearray | None:
+        return self.bits[block].get(chunk_no)
 
     def lookup(self, block: int, page: int) -> int:
         c = self.chunks[block].get(page >> CHUNK_SHIFT)
@@ -55,7 +73,7 @@ class PageIndex:
         return self.chunks[block].get(chunk_no)
 
     def populated(self, block: int) -> int:
-        return sum(CHUNK_PAGES - c.count(0) for c in self.chunks[block].values())
+        return sum(int.from_bytes(b, "little").bit_count() for b in self.bits[block].values())
 
     def validate(self, layout: StreamLayout, data_size: int) -> None:
         """Reject a cache entry whose offsets could not come from this image."""
@@ -69,6 +87,8 @@ class PageIndex:
                     raise CacheError(f"index chunk {no} out of range for {blk.idstr!r}")
                 if min(c) < 0 or max(c) > limit:
                     raise CacheError(f"index offsets out of range for {blk.idstr!r}")
+                if CHUNK_PAGES - c.count(0) != int.from_bytes(self.bits[blk.index][no], "little").bit_count():
+                    raise CacheError(f"index bitmap disagrees with offsets for {blk.idstr!r}")
 
     # -- persistence -----------------------------------------------------------------
     def save(self, path: Path, layout: StreamLayout, extra: dict) -> None:
@@ -81,13 +101,14 @@ class PageIndex:
             with open(tmp, "wb") as f:
                 f.write(_INDEX_HEAD.pack(INDEX_MAGIC, CACHE_FORMAT_VERSION, len(blob)))
                 f.write(blob)
-                for ch in self.chunks:
+                for ch, bits in zip(self.chunks, self.bits):
                     for no in sorted(ch):
                         c = ch[no]
                         if sys.byteorder != "little":
                             c = array("q", c)
                             c.byteswap()
                         c.tofile(f)
+                        f.write(bits[no])
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -112,7 +133,11 @@ class PageIndex:
                         c.fromfile(f, CHUNK_PAGES)
                         if sys.byteorder != "little":
                             c.byteswap()
+                        bits = bytearray(f.read(CHUNK_PAGES // 8))
+                        if len(bits) != CHUNK_PAGES // 8:
+                            raise CacheError("index file is truncated")
                         idx.chunks[b][int(no)] = c
+                        idx.bits[b][int(no)] = bits
                 return idx, layout, meta["extra"]
         except CacheError:
             raise

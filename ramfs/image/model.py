@@ -119,26 +119,44 @@ class IndexedBlock(RamBlock):
         p = first
         zero_from = None
         while p < last:
-            chunk = idx.chunk(b, p >> CHUNK_SHIFT)
-            chunk_end = min(last, ((p >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
-            if chunk is None:
-                if zero_from is None:
-                    zero_from = p
-                p = chunk_end
-                continue
-            base = (p >> CHUNK_SHIFT) << CHUNK_SHIFT
-            for q in range(p, chunk_end):
-                off = chunk[q - base]
-                if off:
-                    if zero_from is not None:
-                        yield zero_from, q, None
-                        zero_from = None
-                    yield q, q + 1, off
-                elif zero_from is None:
-                    zero_from = q
+            no = p >> CHUNK_SHIFT
+            base = no << CHUNK_SHIFT
+            chunk_end = min(last, base + (1 << CHUNK_SHIFT))
+            bits = idx.chunk_bits(b, no)
+            if bits is not None:
+                offsets = idx.chunk(b, no)
+                for a, z in set_runs(bits, p - base, chunk_end - base):
+                    if zero_from is None and base + a > p:
+                        zero_from = p
+                    if zero_from is not None and base + a > zero_from:
+                        yield zero_from, base + a, None
+                    zero_from = None
+                    for q in range(a, z):
+                        yield base + q, base + q + 1, offsets[q]
+                    p = base + z
+            if p < chunk_end and zero_from is None:
+                zero_from = p
             p = chunk_end
-        if zero_from is not None:
+        if zero_from is not None and zero_from < last:
             yield zero_from, last, None
+
+    def populated_ranges(self):
+        """Straight from the chunk bitmaps: no per-page work in zero runs."""
+        ps = self.page_size
+        cur = None
+        for no in sorted(self._index.chunks[self.index]):
+            base = no << CHUNK_SHIFT
+            for a, z in set_runs(self._index.chunk_bits(self.index, no), 0,
+                                 min(1 << CHUNK_SHIFT, self.num_pages - base)):
+                start, stop = (base + a) * ps, (base + z) * ps
+                if cur is not None and cur[1] == start:
+                    cur = (cur[0], stop)
+                else:
+                    if cur is not None:
+                        yield cur
+                    cur = (start, stop)
+        if cur is not None:
+            yield cur
 
 
 @dataclass(frozen=True)
@@ -360,14 +378,13 @@ def _parse_with_index(src, base, holder: list) -> StreamLayout:
             idx = state["idx"] = PageIndex(b + 1)
             holder.append(idx)
         if b >= len(idx.chunks):
-            idx.chunks.extend({} for _ in range(b + 1 - len(idx.chunks)))
+            idx.add_blocks(b + 1)
         idx.sink(b, p, off)
 
     layout = parse_stream(src, base, src.size, on_page=sink)
     if not holder:
         holder.append(PageIndex(len(layout.blocks)))
-    idx = holder[0]
-    idx.chunks.extend({} for _ in range(len(layout.blocks) - len(idx.chunks)))
+    holder[0].add_blocks(len(layout.blocks))
     return layout
 
 
