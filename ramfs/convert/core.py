@@ -183,6 +183,12 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
                 raise UnsupportedError("a mapped-ram stream inside a compressed libvirt image")
             _pwrite_all(fd, first, base)
             size = _copy_sparse(_Input(stream.read, None), fd, base + len(first))
+            if lv_header is not None:
+                # A raw header over a mapped-ram stream: saying "sparse" makes it restorable.
+                raw = os.pread(fd, LIBVIRT_HEADER_SIZE, 0)
+                _pwrite_all(fd, encode.libvirt_header(lv_header, raw, format=SaveFormat.SPARSE,
+                                                      complete=True), 0)
+                os.fsync(fd)
             return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
     try:
         layout_src, tail = parse_stream_payloads(fwd, on_page, 0, None, on_setup=on_setup)
@@ -243,7 +249,9 @@ def _write_stream_tail(fd: int, base: int, layout, src: StreamLayout, tail: byte
         out += encode.command(MigCmd.SWITCHOVER_START)
     out += encode.section_part_end(SectionType.SECTION_END, sid) + encode.eos() + foot
     if tail is None:
-        raise UnsupportedError("the device state after RAM is too large to carry over (over 64 MiB)")
+        if src.device_offset == src.end:
+            raise UnsupportedError("the stream ends right after RAM: it has no device state to carry over")
+        raise UnsupportedError("the device state after RAM is too large to carry over (over 128 MiB)")
     if src.vmdesc_offset is not None and src.vmdesc is not None:
         cut = src.vmdesc_offset - src.device_offset
         out += tail[:cut]
@@ -311,7 +319,7 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
     fd = direct_fd = -1
     try:
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             if direct_io:
                 direct_fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:

@@ -26,6 +26,11 @@ def libvirt_header(h: LibvirtHeader, raw: bytes, *, format: SaveFormat, complete
     order = "<" if h.byteorder == "little" else ">"
     out = bytearray(raw[:LIBVIRT_HEADER_SIZE])
     out[:16] = QEMU_SAVE_MAGIC if complete else QEMU_SAVE_PARTIAL
+    if h.version == 1:
+        # A version-1 header has no format word (libvirt never decompresses v1): say version
+        # 2 with no cookie. The fields before it sit at the same offsets in both versions.
+        struct.pack_into(order + "I", out, 16, 2)
+        struct.pack_into(order + "I", out, 32, 0)
     struct.pack_into(order + "I", out, 28, int(format))
     return bytes(out)
 

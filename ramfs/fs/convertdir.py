@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ramfs.convert.core import ConvertResult, convert_stream
 from ramfs.convert.verify import verify_output
-from ramfs.errors import ImageIOError, RamfsError
+from ramfs.errors import RamfsError
 
 log = logging.getLogger("ramfs.convert")
 
@@ -206,6 +206,7 @@ class Conversion:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     published: bool = False
+    ended: float | None = None
 
     @property
     def state(self) -> str:
@@ -283,6 +284,7 @@ class ConvertManager:
                 os.link(conv.tmp_path, conv.final_path)
             except FileExistsError:
                 raise ConversionFailed(f"{conv.final_path} appeared meanwhile", errno.EEXIST) from None
+            _fsync_dir(self.backing)
             conv.published = True
             log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, conv.result.source_format,
                      sum(conv.result.populated), time.monotonic() - conv.started)
@@ -297,10 +299,10 @@ class ConvertManager:
                 except FileNotFoundError:
                     pass
             conv.assembler.close()
+            conv.ended = time.monotonic()
             with self._lock:
                 self.active.pop(conv.name, None)
-                if conv.published:
-                    self.finished[conv.name] = conv
+                self.finished[conv.name] = conv  # failures stay listed in STATUS too
             if conv.published and self.on_published is not None:
                 self.on_published(conv.name)
 
@@ -309,20 +311,17 @@ class ConvertManager:
         with self._lock:
             convs = list(self.active.values()) + list(self.finished.values())
         for c in convs:
+            elapsed = (c.ended or time.monotonic()) - c.started
+            why = f"\t{c.error}" if c.error is not None and not c.published else ""
             lines.append(f"{os.fsdecode(c.name)}\t{c.state}\t{c.assembler.consumed}\t{c.assembler.size}\t"
-                         f"{time.monotonic() - c.started:.1f}s")
+                         f"{elapsed:.1f}s{why}")
         return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def errno_of(exc: BaseException) -> int:
-    """What ``cp`` sees when a conversion fails: EINVAL for a bad image, else the I/O error."""
-    from ramfs.errors import FormatError
-    if isinstance(exc, ConversionFailed):
-        return exc.errno
-    if isinstance(exc, ImageIOError) and exc.errno:
-        return exc.errno
-    if isinstance(exc, FormatError):
-        return errno.EINVAL
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return errno.EIO
+def _fsync_dir(path: str) -> None:
+    """Make a new directory entry durable (the data itself was fsynced by the converter)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

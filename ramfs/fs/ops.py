@@ -20,8 +20,8 @@ import time
 import pyfuse3
 import trio
 
-from ramfs.errors import ImageIOError, RamfsError
-from ramfs.fs.convertdir import errno_of
+from ramfs.errors import FormatError, ImageIOError, RamfsError
+from ramfs.fs.convertdir import ConversionFailed
 from ramfs.fs.tree import BLOCK_BLKSIZE, ROOT_INODE, DirNode, FileNode, Node, Tree
 
 log = logging.getLogger("ramfs.fs")
@@ -33,17 +33,27 @@ MAX_WORKERS = 32
 _ZEROS = memoryview(bytes(4 << 20))
 
 
-def errno_for(exc: BaseException) -> int:
-    """The errno a FUSE request answers with for an exception raised while serving it."""
+def errno_for(exc: BaseException, *, converting: bool = False) -> int:
+    """The errno a FUSE request answers with for an exception raised while serving it.
+
+    Reading, a format error is the image's fault and the read fails with EIO. Writing into
+    ``convert/``, it is the copied file's fault: ``cp`` then reports EINVAL.
+    """
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
-    if isinstance(exc, ImageIOError) and exc.errno:
+    if isinstance(exc, (ImageIOError, ConversionFailed)) and exc.errno:
         return exc.errno
+    if converting and isinstance(exc, FormatError):
+        return errno.EINVAL
     if isinstance(exc, RamfsError):
         return errno.EIO
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+def _conv_errno(exc: BaseException) -> int:
+    return errno_for(exc, converting=True)
 
 
 def _file_reader(path: str):
@@ -228,13 +238,15 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         self._snapshots.pop(fh, None)
         conv = self._writers.pop(fh, None)
-        if conv is not None and not conv.done.is_set():
-            # Closed without a flush we could answer: finish (and most likely fail) anyway, so
-            # nothing half-written survives.
+        if conv is not None and conv.node.conversion is not None:
+            # Closed without a flush we could answer: finish anyway, so nothing half-written
+            # survives and a complete copy is still published.
             try:
-                await trio.to_thread.run_sync(self.tree.converter.finish, conv)
-            except BaseException as e:  # noqa: BLE001 - already logged by the manager
+                await trio.to_thread.run_sync(self.tree.converter.finish, conv,
+                                              limiter=self.write_limiter)
+            except Exception as e:  # already logged by the manager
                 log.debug("release of an unfinished conversion: %s", e)
+            await self._conversion_over(conv)
         return None
 
     # -- the convert/ directory (directory mode) -----------------------------------------
@@ -248,9 +260,9 @@ class Operations(pyfuse3.Operations):
         if name in self.tree.convert_dir.children:
             raise pyfuse3.FUSEError(errno.EEXIST)
         try:
-            conv = await trio.to_thread.run_sync(self.tree.converter.start, name, limiter=self.limiter)
+            conv = await trio.to_thread.run_sync(self.tree.converter.start, name, limiter=self.write_limiter)
         except Exception as e:
-            raise pyfuse3.FUSEError(errno_of(e)) from None
+            raise pyfuse3.FUSEError(_conv_errno(e)) from None
         node = self.tree.file(self.tree.convert_dir, name, time.time_ns(), mode=stat.S_IFREG | 0o644,
                               conversion=conv)
         fh = next(self._handles)
@@ -266,7 +278,7 @@ class Operations(pyfuse3.Operations):
         try:
             await trio.to_thread.run_sync(conv.assembler.write, off, bytes(buf), limiter=self.write_limiter)
         except Exception as e:
-            raise pyfuse3.FUSEError(errno_of(e)) from None
+            raise pyfuse3.FUSEError(_conv_errno(e)) from None
         return len(buf)
 
     @fuse_errors
@@ -274,28 +286,31 @@ class Operations(pyfuse3.Operations):
         conv = self._writers.get(fh)
         if conv is None:
             return
-        if not conv.done.is_set() or conv.node.conversion is not None:
+        if conv.node.conversion is not None:
             try:
-                await trio.to_thread.run_sync(self.tree.converter.finish, conv)
+                await trio.to_thread.run_sync(self.tree.converter.finish, conv, limiter=self.write_limiter)
             except Exception as e:
-                self._conversion_over(conv)
-                raise pyfuse3.FUSEError(errno_of(e)) from None
-            self._conversion_over(conv)
+                await self._conversion_over(conv)
+                raise pyfuse3.FUSEError(_conv_errno(e)) from None
+            await self._conversion_over(conv)
         elif conv.error is not None:
-            raise pyfuse3.FUSEError(errno_of(conv.error))
+            raise pyfuse3.FUSEError(_conv_errno(conv.error))
 
-    def _conversion_over(self, conv) -> None:
+    async def _conversion_over(self, conv) -> None:
         """The in-flight file becomes the finished image (read-only) or disappears."""
         node = conv.node
+        if node.conversion is None:
+            return
         node.conversion = None
         d = self.tree.convert_dir
         if conv.published:
+            st = await trio.to_thread.run_sync(os.stat, conv.final_path, limiter=self.write_limiter)
             node.mode = stat.S_IFREG | 0o444
-            node.size = os.stat(conv.final_path).st_size
+            node.size = st.st_size
+            node.blocks = st.st_blocks
             node.reader = _file_reader(conv.final_path)
             node.stream = True
-            node.blocks = os.stat(conv.final_path).st_blocks
-            self.tree.rescan(force=True)
+            await trio.to_thread.run_sync(self.tree.rescan, True, limiter=self.write_limiter)
         else:
             if d.children.get(node.name) is node:
                 del d.children[node.name]
@@ -311,7 +326,7 @@ class Operations(pyfuse3.Operations):
             try:
                 conv.assembler.truncate(attr.st_size)
             except Exception as e:
-                raise pyfuse3.FUSEError(errno_of(e)) from None
+                raise pyfuse3.FUSEError(_conv_errno(e)) from None
         # Modes, owners and times of a file being converted are not kept (cp -a sets them).
         return self._attrs(node)
 
