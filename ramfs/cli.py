@@ -188,8 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_signal(signum, frame):
+    # SIGTERM/SIGHUP (timeout, systemd) unwind like Ctrl-C, so temporaries are removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_mount:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
     try:
         return args.func(args)
     except RamfsError as e:

@@ -235,6 +235,51 @@ class GuestImages:
         return json.loads(self.recipe_json.read_text())
 
 
+@dataclasses.dataclass(frozen=True)
+class MachineArgs:
+    """A guest given by its QEMU command line instead of a ``Recipe``.
+
+    For restoring images this module did not make (e.g. the Linux guest of
+    ``../shared/fixtures``, saved by libvirt with its own device model), or
+    for one-off guests with extra options: ``args`` is everything except the
+    binary, ``-qmp`` and ``-S -incoming defer``, which are added. Accepted by
+    ``restore_and_dump``, ``save_stopped_guest`` and ``save_running_guest``
+    (no blobs, no cache); ``ram_bytes`` is what pmemsave dumps.
+    """
+
+    args: tuple[str, ...]
+    ram_bytes: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.args, tuple):
+            raise TypeError('args must be a tuple')
+        if self.ram_bytes <= 0:
+            raise ValueError('ram_bytes must be positive')
+
+
+# The device model of ../shared/fixtures' Linux guest (libvirt domain
+# ramfs-fixture-linux-q35, TCG), from build-notes.json
+# linux.libvirt_qemu_argv_last_restore, minus what only libvirt needs
+# (secrets, fds, sandbox, kernel/initrd: fw_cfg files are not migrated).
+# Its serial port is migrated, so it must exist; its backend does not.
+LINUX_Q35_LIBVIRT = MachineArgs(args=(
+    '-machine', 'pc-q35-10.0,usb=off,dump-guest-core=off,memory-backend=pc.ram,acpi=on',
+    '-accel', 'tcg',
+    '-cpu', 'qemu64,hypervisor=on,lahf-lm=on',
+    '-m', '128M',
+    '-object', 'memory-backend-ram,id=pc.ram,size=134217728',
+    '-overcommit', 'mem-lock=off',
+    '-smp', '1,sockets=1,cores=1,threads=1',
+    '-uuid', '52414d46-5346-4958-0002-000000000002',
+    '-display', 'none', '-no-user-config', '-nodefaults',
+    '-rtc', 'base=utc', '-no-shutdown', '-boot', 'strict=on',
+    '-chardev', 'null,id=charserial0',
+    '-device', 'isa-serial,chardev=charserial0,id=serial0,index=0',
+    '-global', 'ICH9-LPC.noreboot=off',
+    '-watchdog-action', 'reset',
+), ram_bytes=128 * MIB)
+
+
 def _random_blob(address: int, size: int, seed: int) -> Blob:
     return Blob(addr=address, size=size, kind='random', seed=seed)
 
@@ -422,10 +467,10 @@ def _file_uri(path: str | os.PathLike[str], offset: int = 0) -> str:
     return 'file:%s,offset=%#x' % (path, offset) if offset else 'file:' + path
 
 
-def qemu_command_line(recipe: Recipe, qmp_socket: str | os.PathLike[str], *,
+def qemu_command_line(recipe: Recipe | MachineArgs, qmp_socket: str | os.PathLike[str], *,
                       blob_files: Sequence[tuple[Blob, Path]] = (),
                       incoming: bool = False) -> list[str]:
-    """argv of the guest for ``recipe``.
+    """argv of the guest for ``recipe`` (or of a ``MachineArgs`` guest).
 
     The guest that runs gets ``-device loader`` for each blob. QEMUs that
     restore an image (``incoming=True``) get none: the loader device has
@@ -434,6 +479,12 @@ def qemu_command_line(recipe: Recipe, qmp_socket: str | os.PathLike[str], *,
     (the loader would otherwise pre-fill the blobs at reset and hide a page
     that a conversion lost).
     """
+    if isinstance(recipe, MachineArgs):
+        if blob_files:
+            raise ValueError('blobs need a Recipe')
+        argv = [qemu_binary(), *recipe.args,
+                '-qmp', 'unix:%s,server=on,wait=off' % _qemu_option_value(qmp_socket)]
+        return argv + (['-S', '-incoming', 'defer'] if incoming else [])
     argv = [qemu_binary(),
             '-accel', 'kvm', '-accel', 'tcg',
             '-cpu', 'qemu64,kvmclock=off',
@@ -600,7 +651,7 @@ def _scratch_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _start(recipe: Recipe, scratch: Path, name: str, *,
+def _start(recipe: Recipe | MachineArgs, scratch: Path, name: str, *,
            blob_files: Sequence[tuple[Blob, Path]] = (), incoming: bool = False) -> QemuProcess:
     sock = scratch / (name + '.qmp')
     if len(os.fsencode(sock)) > MAX_UNIX_SOCKET_PATH:
@@ -645,7 +696,7 @@ def _check_same(dump: Path, ground_truth: Path, what: str) -> None:
         raise GroundTruthMismatch('%s does not equal the ground truth: %s' % (what, difference))
 
 
-def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe, *,
+def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe | MachineArgs, *,
                      capabilities: Sequence[str] = (), offset: int = 0,
                      multifd_channels: int | None = None,
                      out_path: str | os.PathLike[str],
@@ -656,9 +707,10 @@ def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe, *,
     sees in the image. ``capabilities`` must match how the stream was
     written (e.g. ``('mapped-ram',)`` or ``('mapped-ram', 'multifd')``);
     ``offset`` is where the QEMU stream starts in the file (libvirt images:
-    92 + data_len). Raises ``MigrationError`` with QEMU's error text when
-    QEMU rejects the image; writes ``out_path`` (``ram_bytes`` long) on
-    success and returns it.
+    92 + data_len). ``recipe`` may also be a ``MachineArgs`` (a guest given
+    by its command line, e.g. ``LINUX_Q35_LIBVIRT``). Raises
+    ``MigrationError`` with QEMU's error text when QEMU rejects the image;
+    writes ``out_path`` (``ram_bytes`` long) on success and returns it.
     """
     image = Path(image_path)
     out = Path(out_path)
@@ -676,6 +728,51 @@ def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe, *,
             raise QemuTimeoutError('restore of %s with capabilities %s, offset %#x: %s'
                                    % (image, list(capabilities), offset, exc)) from exc
         qemu.pmemsave(recipe.ram_bytes, out)
+    return out
+
+
+@contextlib.contextmanager
+def _booted_guest(machine: Recipe | MachineArgs, scratch: Path) -> Iterator[QemuProcess]:
+    """A running guest (with its blobs, for a Recipe), ended on exit."""
+    blob_files = []
+    for i, blob in enumerate(machine.blobs if isinstance(machine, Recipe) else ()):
+        path = scratch / ('blob-%d.bin' % i)
+        path.write_bytes(blob_bytes(blob))
+        blob_files.append((blob, path))
+    with _start(machine, scratch, 'guest', blob_files=blob_files) as guest:
+        yield guest
+
+
+def save_running_guest(machine: Recipe | MachineArgs, out_path: str | os.PathLike[str], *,
+                       run_seconds: float = 0.5, max_bandwidth: int = 8 * MIB) -> Path:
+    """Save a guest *while it runs* (a live ``migrate`` to ``file:``).
+
+    Pages the guest dirties during the save are sent again, so the sequential
+    stream holds several records for some pages (the last one wins); the
+    bandwidth limit stretches the save so that this happens. There is no
+    ground truth: restore the stream itself to get one. Not cached.
+    """
+    out = Path(out_path)
+    with _scratch_dir() as scratch, _booted_guest(machine, scratch) as guest:
+        time.sleep(run_seconds)
+        guest.set_parameters(max_bandwidth=max_bandwidth)
+        guest.qmp.execute('migrate', uri=_file_uri(out))
+        guest.wait_for_migration('live save to %s' % out)
+    return out
+
+
+def save_stopped_guest(machine: Recipe | MachineArgs, out_path: str | os.PathLike[str],
+                       dump_path: str | os.PathLike[str], *, run_seconds: float = 0.5) -> Path:
+    """Run a guest briefly, stop it, pmemsave it to ``dump_path`` (its ground
+    truth) and save it to ``out_path`` with no capabilities. Not cached: for
+    one-off device models (``MachineArgs``, e.g. with ``-global`` migration
+    properties that change the stream's shape)."""
+    out = Path(out_path)
+    with _scratch_dir() as scratch, _booted_guest(machine, scratch) as guest:
+        time.sleep(run_seconds)
+        guest.qmp.execute('stop')
+        guest.pmemsave(machine.ram_bytes, Path(dump_path))
+        guest.save(out)
     return out
 
 

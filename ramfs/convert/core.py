@@ -24,6 +24,7 @@ from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, SaveFo
 from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, SectionType, StreamLayout,
                                is_qemu_magic, parse_stream_payloads)
 from ramfs.format.source import ForwardSource
+from ramfs.image.files import FileSource
 from ramfs.convert.writer import MappedRamWriter, plan_blocks
 
 COPY_CHUNK = 1 << 20
@@ -42,6 +43,7 @@ class ConvertResult:
     size: int  # logical size of the output
     seconds: float
     populated: tuple[int, ...] = ()  # per block: pages whose final content is not zero
+    source_warnings: tuple[str, ...] = ()  # what the reader says of the source stream
 
 
 class _Input:
@@ -52,6 +54,7 @@ class _Input:
         self.pos = 0
         self.progress = progress
         self._pending = b""
+        self.seekable = None  # a read_at source over the same bytes, when the input is a file
 
     def read(self, n: int) -> bytes:
         if self._pending:
@@ -94,14 +97,19 @@ class _FileLike(io.RawIOBase):
 
 
 def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, direct_fd: int | None = None,
-                   progress: Progress | None = None) -> ConvertResult:
+                   progress: Progress | None = None, seekable=None) -> ConvertResult:
     """Convert the image whose bytes ``read`` returns into the empty file ``fd``.
+
+    ``seekable``, when the input is a regular file, is a ``read_at`` source over the same
+    bytes: an uncompressed stream is then parsed straight from it (no copying through a
+    stream window) and its device state read back by offset.
 
     On success the file holds a complete image (libvirt's ``LibvirtQemudSave`` magic written
     last, after an fsync); on failure it holds garbage and the caller removes it.
     """
     t0 = time.monotonic()
     src = _Input(read, progress)
+    src.seekable = seekable
     head = src.read_exact(4, "the first bytes")
     if head == b"Libv":
         head += src.read_exact(LIBVIRT_HEADER_SIZE - 4, "the libvirt header")
@@ -146,7 +154,7 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
     first = b""
     while len(first) < 4096 and (chunk := stream.read(4096 - len(first))):
         first += chunk
-    fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
+    seekable = getattr(stream, "seekable", None) if isinstance(stream, _Input) else None
     state: dict = {}
 
     def on_setup(parser) -> None:
@@ -191,7 +199,14 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
                 os.fsync(fd)
             return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
     try:
-        layout_src, tail = parse_stream_payloads(fwd, on_page, 0, None, on_setup=on_setup)
+        if seekable is not None:
+            layout_src, _ = parse_stream_payloads(_Reporting(seekable, stream.progress), on_page, base,
+                                                  seekable.size, on_setup=on_setup)
+            tail = seekable.read_at(layout_src.device_offset, layout_src.end - layout_src.device_offset)
+            layout_src = _rebase(layout_src, base)
+        else:
+            fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
+            layout_src, tail = parse_stream_payloads(fwd, on_page, 0, None, on_setup=on_setup)
     except BaseException:
         if "writer" in state:
             state["writer"].abort()
@@ -209,7 +224,33 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
         os.fsync(fd)
     populated = tuple(int.from_bytes(bm, "little").bit_count() for bm in writer.bitmaps)
     return ConvertResult(container, source_format, False, writer.pages_written, writer.zero_pages, size,
-                         time.monotonic() - t0, populated)
+                         time.monotonic() - t0, populated, layout_src.warnings)
+
+
+class _Reporting:
+    """A ``read_at`` source that reports how far parsing has got."""
+
+    def __init__(self, source, progress: Progress | None):
+        self.source = source
+        self.size = source.size
+        self.progress = progress
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        data = self.source.read_at(offset, size)
+        if self.progress is not None:
+            self.progress(offset + len(data))
+        return data
+
+
+def _rebase(layout: StreamLayout, base: int) -> StreamLayout:
+    """Offsets relative to the stream start, as a stream parse reports them."""
+    import dataclasses
+    if base == 0:
+        return layout
+    return dataclasses.replace(
+        layout, device_offset=layout.device_offset - base,
+        vmdesc_offset=None if layout.vmdesc_offset is None else layout.vmdesc_offset - base,
+        ram_end_offset=layout.ram_end_offset - base, end=layout.end - base)
 
 
 class _Prepend:
@@ -326,9 +367,9 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
             if direct_io and e.errno == errno.EINVAL:
                 raise ImageIOError(f"{os.path.dirname(dst)} does not support O_DIRECT", e.errno) from None
             raise ImageIOError(f"cannot create {tmp}: {e.strerror}", e.errno) from None
-        with fin:
+        with fin, FileSource(src, fd=os.dup(fin.fileno())) as seekable:
             result = convert_stream(fin.read, fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
-                                    progress=progress)
+                                    progress=progress, seekable=seekable if seekable.stat.st_mode & 0o170000 == 0o100000 else None)
         verify_output(tmp, result)
         _link_into_place(tmp, dst)
         return result
