@@ -31,6 +31,11 @@ log = logging.getLogger("ramfs.convert")
 TMP_PREFIX = ".ramfs-convert."
 QUEUE_LIMIT = 32 << 20  # in-memory bytes between the writer and the converter
 READ_CHUNK = 1 << 20
+TAIL_KEEP = 8 << 20  # the last bytes written, to recognise a complete image at flush
+# flush() is sent at every close() of a descriptor, including dup()ed ones and those of child
+# processes sharing the file. When the bytes so far do not end like a complete image, the
+# end of input is declared only after the writer has been quiet this long.
+QUIET_SECONDS = 1.0
 
 
 class ConversionFailed(RamfsError):
@@ -54,6 +59,10 @@ class Assembler:
         self.size = 0  # highest offset written or set
         self._eof = False
         self.error: BaseException | None = None
+        self.last_write = time.monotonic()
+        self._waiting = False  # the reader wants bytes that have not arrived
+        self._tail = bytearray()  # the bytes just before _tail_end
+        self._tail_end = 0
 
     # -- writer side (FUSE write handlers, in worker threads) ---------------------------
     def write(self, offset: int, data: bytes) -> None:
@@ -68,6 +77,8 @@ class Assembler:
                 self._cv.notify_all()
                 raise self.error
             self.size = max(self.size, end)
+            self.last_write = time.monotonic()
+            self._keep_tail(offset, data)
             if offset == self.expected:
                 self._queue.append(data)
                 self._queued += len(data)
@@ -79,6 +90,39 @@ class Assembler:
             while self._queued > QUEUE_LIMIT and self.error is None:
                 self._cv.wait()
             self._check()
+
+    def _keep_tail(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if end < self._tail_end:
+            return
+        if offset <= self._tail_end and self._tail_end - offset <= len(self._tail):
+            del self._tail[len(self._tail) - (self._tail_end - offset):]
+            self._tail += data
+        else:
+            self._tail = bytearray(data)
+        self._tail_end = end
+        if len(self._tail) > TAIL_KEEP:
+            del self._tail[: len(self._tail) - TAIL_KEEP]
+
+    def idle(self) -> bool:
+        """The converter has consumed everything written and is waiting for more."""
+        with self._cv:
+            return self._waiting and not self._queue
+
+    def looks_complete(self) -> bool:
+        """The bytes end like a whole QEMU stream: ``00 06 be32(len) <len bytes of JSON>``."""
+        with self._cv:
+            if self._tail_end != self.size or self._ahead:
+                return False
+            t = self._tail
+            j = len(t)
+            while True:
+                j = t.rfind(b"\x06", 0, j)
+                if j < 1:
+                    return False
+                if t[j - 1] == 0 and j + 5 <= len(t) and \
+                        int.from_bytes(t[j + 1:j + 5], "big") == len(t) - j - 5 and t[j + 5:j + 6] == b"{":
+                    return True
 
     def truncate(self, size: int) -> None:
         with self._cv:
@@ -143,6 +187,7 @@ class Assembler:
                     self._cv.notify_all()
                     return data
                 if self._eof:
+                    self._waiting = False
                     # Past the written prefix once the writer is done: holes read as zeros,
                     # spooled data follows them.
                     if self._rpos >= self.size:
@@ -155,7 +200,10 @@ class Assembler:
                         return bytes(take)
                     self._promote()
                     continue
+                self._waiting = True
+                self._cv.notify_all()
                 self._cv.wait()
+                self._waiting = False
 
     def _take(self, n: int) -> bytes:
         item = self._queue[0]
@@ -272,9 +320,15 @@ class ConvertManager:
                 os.close(direct_fd)
             conv.done.set()
 
-    def finish(self, conv: Conversion) -> None:
-        """Called at flush: the input is complete. Blocks; raises on failure (nothing kept)."""
-        conv.assembler.close_input()
+    def finish(self, conv: Conversion, *, last_close: bool = False) -> None:
+        """Called at flush (or release, ``last_close``): finish the conversion. Blocks; raises
+        on failure, and then nothing is kept."""
+        a = conv.assembler
+        while not last_close and not conv.done.is_set():
+            if a.idle() and (a.looks_complete() or time.monotonic() - a.last_write > QUIET_SECONDS):
+                break
+            conv.done.wait(0.02)
+        a.close_input()
         conv.done.wait()
         try:
             if conv.error is not None:

@@ -242,7 +242,7 @@ class Operations(pyfuse3.Operations):
             # Closed without a flush we could answer: finish anyway, so nothing half-written
             # survives and a complete copy is still published.
             try:
-                await trio.to_thread.run_sync(self.tree.converter.finish, conv,
+                await trio.to_thread.run_sync(functools.partial(self.tree.converter.finish, conv, last_close=True),
                                               limiter=self.write_limiter)
             except Exception as e:  # already logged by the manager
                 log.debug("release of an unfinished conversion: %s", e)
@@ -287,6 +287,10 @@ class Operations(pyfuse3.Operations):
         if conv is None:
             return
         if conv.node.conversion is not None:
+            if conv.assembler.size == 0:
+                # Nothing written yet: this is a dup'ed descriptor being closed (dd opens its
+                # output, dup2()s it to stdout and closes the original). The end comes later.
+                return
             try:
                 await trio.to_thread.run_sync(self.tree.converter.finish, conv, limiter=self.write_limiter)
             except Exception as e:
