@@ -13,6 +13,9 @@ over 255 bytes      cut into pieces of at most 253 bytes; every piece but the la
                     ``%+`` and the next piece is a subdirectory
 ==================  ==========================================
 
+When a block's file name is also a directory that another block's path needs (blocks ``a``
+and ``a/b``), the file gets the suffix ``%@``. ``%+`` and ``%@`` cannot come from escaping.
+
 Only the first leading ``/`` is dropped; ``unescape`` restores it when ``leading_slash`` is
 recorded, which the tree does per block (``image.json`` also lists the exact idstrs). The
 rule is total and reversible: ``unescape(escape(s)) == s`` for every idstr.
@@ -60,7 +63,12 @@ def escape(idstr: str) -> tuple[list[bytes], bool]:
     return out, leading
 
 
+COLLISION_MARK = b"%@"
+
+
 def unescape(components: list[bytes], leading_slash: bool) -> str:
+    if components and components[-1].endswith(COLLISION_MARK):
+        components = components[:-1] + [components[-1][: -len(COLLISION_MARK)]]
     parts: list[bytes] = []
     joined = b""
     for comp in components:

@@ -30,7 +30,7 @@ from ramfs.errors import RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
 from ramfs.fs.convertdir import TMP_PREFIX
-from ramfs.fs.names import escape
+from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
 
@@ -149,7 +149,7 @@ class Tree:
             name = comps[-1]
             if name in leaf_ram.children:
                 # A block whose path is also another block's directory: mark it, reversibly.
-                name += b"%@"
+                name += COLLISION_MARK
             self.file(leaf_ram, name, mtime, size=blk.used_length,
                       blocks=blk.populated_pages * blk.page_size // 512,
                       reader=_block_reader(img, blk), has_data=blk.has_data, stream=True)
@@ -169,7 +169,7 @@ class Tree:
         if existing is not None and not existing.is_dir:
             # A file took this name first; move it aside by the same marker rule.
             del parent.children[name]
-            existing.name = name + b"%@"
+            existing.name = name + COLLISION_MARK
             parent.children[existing.name] = existing
         return self.mkdir(parent, name, mtime)
 
