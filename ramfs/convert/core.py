@@ -97,12 +97,14 @@ class _FileLike(io.RawIOBase):
 
 
 def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, direct_fd: int | None = None,
-                   progress: Progress | None = None, seekable=None) -> ConvertResult:
+                   progress: Progress | None = None, seekable=None,
+                   padding: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Convert the image whose bytes ``read`` returns into the empty file ``fd``.
 
     ``seekable``, when the input is a regular file, is a ``read_at`` source over the same
     bytes: an uncompressed stream is then parsed straight from it (no copying through a
-    stream window) and its device state read back by offset.
+    stream window) and its device state read back by offset. ``padding(start, end)`` is told
+    where the input has bytes that can only be zeros (libvirt's padding after the XML).
 
     On success the file holds a complete image (libvirt's ``LibvirtQemudSave`` magic written
     last, after an fsync); on failure it holds garbage and the caller removes it.
@@ -115,17 +117,20 @@ def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, dire
         head += src.read_exact(LIBVIRT_HEADER_SIZE - 4, "the libvirt header")
         if not is_libvirt_magic(head):
             raise NotAnImageError("not a save image (bad libvirt magic)")
-        return _convert_libvirt(src, head, fd, jobs, direct_fd, t0)
+        return _convert_libvirt(src, head, fd, jobs, direct_fd, t0, padding)
     if is_qemu_magic(head):
         src.unread(head)
         return _convert_qemu(src, fd, 0, None, jobs, direct_fd, t0, "bare", "qemu")
     raise NotAnImageError("not a save image (neither a libvirt header nor a QEMU stream)")
 
 
-def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0) -> ConvertResult:
+def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0, padding=None) -> ConvertResult:
     if raw_header[:16] == QEMU_SAVE_PARTIAL:
         raise FormatError("incomplete save image: libvirt never finished writing it (magic LibvirtQemudPart)", 0)
     h = parse_header(raw_header)
+    if padding is not None:
+        # The XML (and cookie) come first; what follows up to the stream is zero padding.
+        padding(LIBVIRT_HEADER_SIZE + max(h.cookie_offset, 1), LIBVIRT_HEADER_SIZE + h.data_len)
     data_area = src.read_exact(h.data_len, "the libvirt data area (domain XML)")
     fmt = h.effective_format
     if fmt == SaveFormat.SPARSE:

@@ -38,6 +38,7 @@ TAIL_KEEP = 8 << 20  # the last bytes written, to recognise a complete image at 
 QUIET_SECONDS = 1.0
 
 
+
 class ConversionFailed(RamfsError):
     def __init__(self, message: str, errno_: int):
         super().__init__(message)
@@ -63,6 +64,8 @@ class Assembler:
         self._waiting = False  # the reader wants bytes that have not arrived
         self._tail = bytearray()  # the bytes just before _tail_end
         self._tail_end = 0
+        self._zero_filled: list[tuple[int, int]] = []  # gaps handed over as zeros
+        self._zero_ok = (0, 0)
 
     # -- writer side (FUSE write handlers, in worker threads) ---------------------------
     def write(self, offset: int, data: bytes) -> None:
@@ -72,6 +75,8 @@ class Assembler:
             if self._eof:
                 raise ConversionFailed("the file was already closed", errno.EBADF)
             if offset < self.expected:
+                if self._in_zero_filled(offset, end) and data.count(0) == len(data):
+                    return  # zeros into a gap already fed as zeros: nothing changes
                 self.error = ConversionFailed(
                     f"rewrite of bytes {offset}..{end} that were already converted", errno.EINVAL)
                 self._cv.notify_all()
@@ -86,6 +91,7 @@ class Assembler:
                 self._promote()
             else:
                 self._spool(offset, data)
+                self._fill_known_holes()
             self._cv.notify_all()
             while self._queued > QUEUE_LIMIT and self.error is None:
                 self._cv.wait()
@@ -104,6 +110,28 @@ class Assembler:
         if len(self._tail) > TAIL_KEEP:
             del self._tail[: len(self._tail) - TAIL_KEEP]
 
+    def zero_region(self, start: int, end: int) -> None:
+        """Bytes in ``[start, end)`` are padding the format says is zeros (libvirt's XML
+        area): a gap there is a hole ``cp`` skipped, so feed it as zeros instead of waiting
+        (and spooling everything after it). Bytes still written there later must be zeros,
+        or the conversion fails."""
+        with self._cv:
+            self._zero_ok = (start, end)
+            self._fill_known_holes()
+            self._cv.notify_all()
+
+    def _fill_known_holes(self) -> None:
+        a, b = self._zero_ok
+        while self._ahead and a <= self.expected and self._ahead[0][0] <= b:
+            gap_end = self._ahead[0][0]
+            self._queue.append((self.expected, gap_end, None))
+            self._zero_filled.append((self.expected, gap_end))
+            self.expected = gap_end
+            self._promote()
+
+    def _in_zero_filled(self, start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in self._zero_filled)
+
     def idle(self) -> bool:
         """The converter has consumed everything written and is waiting for more."""
         with self._cv:
@@ -112,7 +140,7 @@ class Assembler:
     def looks_complete(self) -> bool:
         """The bytes end like a whole QEMU stream: ``00 06 be32(len) <len bytes of JSON>``."""
         with self._cv:
-            if self._tail_end != self.size or self._ahead:
+            if self._tail_end != self.size:
                 return False
             t = self._tail
             j = len(t)
@@ -207,6 +235,14 @@ class Assembler:
 
     def _take(self, n: int) -> bytes:
         item = self._queue[0]
+        if isinstance(item, tuple) and len(item) == 3:  # a gap taken as a hole
+            start, end, _ = item
+            take = min(n, end - start)
+            if start + take == end:
+                self._queue.popleft()
+            else:
+                self._queue[0] = (start + take, end, None)
+            return bytes(take)
         if isinstance(item, tuple):
             start, end = item
             take = min(n, end - start)
@@ -308,7 +344,8 @@ class ConvertManager:
         try:
             if self.direct_io:
                 direct_fd = os.open(conv.tmp_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            conv.result = convert_stream(conv.assembler.read, fd, jobs=self.jobs, direct_fd=direct_fd)
+            conv.result = convert_stream(conv.assembler.read, fd, jobs=self.jobs, direct_fd=direct_fd,
+                                         padding=conv.assembler.zero_region)
             if conv.assembler.read(1):
                 raise ConversionFailed("data continues after the end of the save image", errno.EINVAL)
         except BaseException as e:  # reported to the writer at flush
@@ -324,12 +361,16 @@ class ConvertManager:
         """Called at flush (or release, ``last_close``): finish the conversion. Blocks; raises
         on failure, and then nothing is kept."""
         a = conv.assembler
+        t0 = time.monotonic()
         while not last_close and not conv.done.is_set():
             if a.idle() and (a.looks_complete() or time.monotonic() - a.last_write > QUIET_SECONDS):
                 break
             conv.done.wait(0.02)
+        t1 = time.monotonic()
         a.close_input()
         conv.done.wait()
+        log.debug("%s: end of input after %.3f s, conversion done %.3f s later",
+                  os.fsdecode(conv.name), t1 - t0, time.monotonic() - t1)
         try:
             if conv.error is not None:
                 raise conv.error
