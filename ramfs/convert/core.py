@@ -185,9 +185,10 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
                         blk.header_offset - len(record))
         state["layout"] = layout
         state["writer"] = MappedRamWriter(fd, layout, parser.page_size, jobs=jobs, direct_fd=direct_fd)
+        parser.on_page = state["writer"].page  # from here on, records go straight to the writer
 
     def on_page(block, page, payload) -> None:
-        state["writer"].page(block, page, payload)
+        raise FormatError("page record before the RAM block list", None)
 
     if len(first) >= 4 and is_qemu_magic(first):
         probe = _peek_caps(first)
