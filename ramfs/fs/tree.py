@@ -33,6 +33,8 @@ from ramfs.fs.convertdir import TMP_PREFIX
 from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
+from ramfs.image.elfcore import ElfCore, cpus_of
+from ramfs.image.phys import PhysView, phys_map
 
 log = logging.getLogger("ramfs.fs")
 
@@ -85,12 +87,13 @@ class FileNode(Node):
 class Tree:
     """The inode table and the nodes of one mount."""
 
-    def __init__(self, *, direct_io: bool = False, cache: str | None = None):
+    def __init__(self, *, direct_io: bool = False, cache: str | None = None, below_4g: int | None = None):
         self.nodes: dict[int, Node] = {}
         self._next = ROOT_INODE
         self._lock = threading.Lock()
         self.direct_io = direct_io
         self.cache = cache
+        self.below_4g = below_4g
         self.images: list[Image] = []
         self.root: DirNode | None = None
         self.convert_dir: DirNode | None = None  # directory mode only
@@ -155,7 +158,8 @@ class Tree:
                       reader=_block_reader(img, blk), has_data=blk.has_data, stream=True)
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
-        facts = json.dumps(describe(img), indent=2).encode() + b"\n"
+        self._fill_phys(d, img, maps, mtime)
+        facts = json.dumps(describe(img, below_4g=self.below_4g), indent=2).encode() + b"\n"
         self.file(d, b"image.json", mtime, data=facts)
         if img.layout.vmdesc is not None:
             self.file(d, b"devices.json", mtime, data=img.layout.vmdesc)
@@ -163,6 +167,27 @@ class Tree:
             self.file(d, b"domain.xml", mtime, data=img.domain_xml.encode())
         if img.cookie_xml is not None:
             self.file(d, b"cookie.xml", mtime, data=img.cookie_xml.encode())
+
+    def _fill_phys(self, d: DirNode, img: Image, maps: DirNode, mtime: int) -> None:
+        """phys/memory (guest-physical addresses) and phys/core.elf, when the machine is known."""
+        pmap = phys_map(img, self.below_4g)
+        if not pmap.ranges:
+            return
+        view = PhysView(img, pmap)
+        phys = self.mkdir(d, b"phys", mtime)
+        populated = list(view.populated_ranges())
+        self.file(phys, b"memory", mtime, size=view.size,
+                  blocks=sum(b - a for a, b in populated) // 512, reader=view.read,
+                  has_data=view.has_data, stream=True)
+        text = "".join(f"{a} {b}\n" for a, b in populated).encode()
+        self.file(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, data=text)
+        try:
+            core = ElfCore(view, cpus_of(img))
+        except RamfsError as e:
+            log.warning("%s: no core.elf: %s", img.path, e)
+            return
+        self.file(phys, b"core.elf", mtime, size=core.size, blocks=(core.size + 511) // 512,
+                  reader=core.read, stream=True)
 
     def _subdir(self, parent: DirNode, name: bytes, mtime: int) -> DirNode:
         existing = parent.children.get(name)

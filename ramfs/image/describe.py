@@ -13,7 +13,7 @@ from ramfs.image.model import Image, domain_identity, open_image
 INFO_SCHEMA_VERSION = 1
 
 
-def describe(image: Image) -> dict:
+def describe(image: Image, below_4g: int | None = None) -> dict:
     layout = image.layout
     lv = image.libvirt
     warnings = list(image.warnings)
@@ -86,8 +86,18 @@ def describe(image: Image) -> dict:
         ],
         "devices": None if devices is None else [
             {"name": d.name, "instance_id": d.instance_id, "version": d.version} for d in devices],
+        "phys": _phys(image, below_4g, warnings),
         "warnings": warnings,
     }
+
+
+def _phys(image: Image, below_4g: int | None, warnings: list[str]) -> dict | None:
+    from ramfs.image.phys import phys_map
+    try:
+        return phys_map(image, below_4g).as_json()
+    except RamfsError as e:
+        warnings.append(str(e))
+        return None
 
 
 def _devices(image: Image):

@@ -1,0 +1,103 @@
+"""Guest-physical memory and the ELF core, against QEMU's own view of the same guest."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+import qemu_images as qi
+from fixture_data import fixture_path
+from mountutil import mounted
+from ramfs.image import open_image
+from ramfs.image.phys import FOUR_GIB, PhysView, below_4g_for, phys_map
+
+MiB = 1 << 20
+
+
+def qemu_ram_split(machine: str, ram_mib: int) -> tuple[int, int]:
+    """(bytes of pc.ram below 4 GiB, above) from QEMU's own flat memory tree (info mtree -f)."""
+    args = qi.MachineArgs(("-accel", "tcg", "-machine", machine, "-m", f"{ram_mib}M", "-nodefaults",
+                           "-no-user-config", "-display", "none"), ram_mib * MiB)
+    with qi._scratch_dir() as scratch, qi._start(args, scratch, "mtree", incoming=True) as q:
+        text = q.qmp.hmp("info mtree -f")
+    below, above = ram_mib * MiB, 0
+    seen = set()  # the flat view lists each address space (memory, cpu-memory-0, ...)
+    # e.g. "0000000100000000-000000011fffffff (prio 0, ram): pc.ram @00000000c0000000"
+    for m in re.finditer(r"([0-9a-f]{16})-([0-9a-f]{16}) \(prio \d+, ram\): pc\.ram(?: @([0-9a-f]+))?", text):
+        start, end = int(m.group(1), 16), int(m.group(2), 16) + 1
+        if start >= FOUR_GIB and start not in seen:
+            seen.add(start)
+            above += end - start
+            below = min(below, int(m.group(3) or "0", 16))
+    return below, above
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("machine,ram_mib", [("pc", 1024), ("pc", 3584), ("pc", 4096), ("q35", 1024),
+                                             ("q35", 2816), ("q35", 4096)])
+def test_ram_split_matches_qemu(machine, ram_mib):
+    want_below, want_above = qemu_ram_split(machine, ram_mib)
+    versioned = {"pc": "pc-i440fx-10.0", "q35": "pc-q35-10.0"}[machine]
+    below = below_4g_for(versioned, ram_mib * MiB)
+    assert (below, ram_mib * MiB - below) == (want_below, want_above)
+
+
+@pytest.mark.parametrize("name,truth", [("firmware/pc-mapped-ram.img", "firmware/pc-pmemsave.bin"),
+                                        ("firmware/q35-sequential.img", "firmware/q35-pmemsave.bin")])
+def test_phys_memory_and_core_through_the_mount(name, truth, tmp_path):
+    want = fixture_path(truth).read_bytes()
+    bios = open("/usr/share/seabios/bios-256k.bin", "rb").read()
+    mp = tmp_path / "mp"
+    with mounted(fixture_path(name), mp):
+        phys = mp / "phys" / "memory"
+        assert phys.stat().st_size == FOUR_GIB
+        with open(phys, "rb") as f:
+            assert f.read(len(want)) == want
+            f.seek(FOUR_GIB - len(bios))
+            assert f.read() == bios
+            f.seek(len(want))
+            assert f.read(1 << 20) == bytes(1 << 20)  # unmapped: zeros
+        ranges = [tuple(map(int, ln.split())) for ln in (mp / "maps" / "@phys" / "memory").read_text().splitlines()]
+        assert ranges[-1][1] == FOUR_GIB
+        core = (mp / "phys" / "core.elf").read_bytes()
+    loads = elf_loads(core)
+    assert [(p, n) for p, _, n in loads] == [(a, b - a) for a, b in ranges]
+    for paddr, off, n in loads:
+        data = core[off:off + n]
+        if paddr < len(want):
+            assert data == want[paddr:paddr + n]
+        else:
+            assert data == bios[paddr - (FOUR_GIB - len(bios)):][:n]
+
+
+def elf_loads(core: bytes) -> list[tuple[int, int, int]]:
+    assert core[:4] == b"\x7fELF" and core[4] == 2 and struct.unpack_from("<H", core, 16)[0] == 4
+    phoff, = struct.unpack_from("<Q", core, 32)
+    phnum, = struct.unpack_from("<H", core, 56)
+    out = []
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _ = struct.unpack_from("<IIQQQQQQ", core, phoff + 56 * i)
+        if p_type == 1:
+            assert p_filesz == p_memsz and p_vaddr == p_paddr
+            out.append((p_paddr, p_offset, p_filesz))
+    return out
+
+
+@pytest.mark.qemu
+def test_core_matches_qemu_dump_guest_memory(tmp_path):
+    """QEMU's dump-guest-memory (ELF, no paging) of the same paused guest is the ground truth."""
+    g = qi.build(qi.SMALL_PC)
+    dump = tmp_path / "qemu.elf"
+    with qi._scratch_dir() as scratch, qi._start(qi.SMALL_PC, scratch, "dump", incoming=True) as q:
+        q.load(g.sequential, (), 0)
+        q.qmp.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"})
+    theirs = dump.read_bytes()
+    their_loads = elf_loads(theirs)
+    with open_image(g.mapped_ram) as img:
+        view = PhysView(img, phys_map(img))
+        # Same physical ranges as QEMU's segments (QEMU dumps whole blocks, holes included).
+        assert [(p, n) for p, _, n in their_loads] == [(r.gpa, r.length) for r in view.map.ranges]
+        for paddr, off, n in their_loads:
+            assert view.read(paddr, n) == theirs[off:off + n], hex(paddr)
