@@ -206,9 +206,10 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
             return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
     try:
         if seekable is not None:
-            layout_src, _ = parse_stream_payloads(_Reporting(seekable, stream.progress), on_page, base,
-                                                  seekable.size, on_setup=on_setup)
+            reporting = _Reporting(seekable, stream.progress, drop_cache=direct_fd is not None)
+            layout_src, _ = parse_stream_payloads(reporting, on_page, base, seekable.size, on_setup=on_setup)
             tail = seekable.read_at(layout_src.device_offset, layout_src.end - layout_src.device_offset)
+            reporting.finish()
             layout_src = _rebase(layout_src, base)
         else:
             fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
@@ -234,18 +235,31 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
 
 
 class _Reporting:
-    """A ``read_at`` source that reports how far parsing has got."""
+    """A ``read_at`` source that reports how far parsing has got and, with ``drop_cache``,
+    tells the kernel to forget what was read (``--direct-io``: the input stays out of the
+    page cache too, not only the output)."""
 
-    def __init__(self, source, progress: Progress | None):
+    DROP_EVERY = 32 << 20
+
+    def __init__(self, source, progress: Progress | None, drop_cache: bool = False):
         self.source = source
         self.size = source.size
         self.progress = progress
+        self.drop_cache = drop_cache
+        self._dropped = 0
 
     def read_at(self, offset: int, size: int) -> bytes:
         data = self.source.read_at(offset, size)
         if self.progress is not None:
             self.progress(offset + len(data))
+        if self.drop_cache and offset - self._dropped >= self.DROP_EVERY:
+            os.posix_fadvise(self.source.fd, self._dropped, offset - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = offset
         return data
+
+    def finish(self) -> None:
+        if self.drop_cache:
+            os.posix_fadvise(self.source.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _rebase(layout: StreamLayout, base: int) -> StreamLayout:
