@@ -11,6 +11,7 @@ import qemu_images as qi
 from fixture_data import fixture_path
 from mountutil import mounted
 from ramfs.image import open_image
+from ramfs.image.elfcore import ElfCore, cpus_of
 from ramfs.image.phys import FOUR_GIB, PhysView, below_4g_for, phys_map
 
 MiB = 1 << 20
@@ -96,8 +97,29 @@ def test_core_matches_qemu_dump_guest_memory(tmp_path):
     theirs = dump.read_bytes()
     their_loads = elf_loads(theirs)
     with open_image(g.mapped_ram) as img:
+        # The QEMU CPU-state note (registers, segments, control registers) is QEMU's own.
+        ours = ElfCore(PhysView(img, phys_map(img)), cpus_of(img))
+        assert elf_notes(ours.read(0, ours.size))[(b"QEMU", 0)] == elf_notes(theirs)[(b"QEMU", 0)]
         view = PhysView(img, phys_map(img))
         # Same physical ranges as QEMU's segments (QEMU dumps whole blocks, holes included).
         assert [(p, n) for p, _, n in their_loads] == [(r.gpa, r.length) for r in view.map.ranges]
         for paddr, off, n in their_loads:
             assert view.read(paddr, n) == theirs[off:off + n], hex(paddr)
+
+
+def elf_notes(core: bytes) -> dict[tuple[bytes, int], bytes]:
+    phoff, = struct.unpack_from("<Q", core, 32)
+    phnum, = struct.unpack_from("<H", core, 56)
+    out = {}
+    for i in range(phnum):
+        p_type, _, off, _, _, size, _, _ = struct.unpack_from("<IIQQQQQQ", core, phoff + 56 * i)
+        if p_type != 4:
+            continue
+        pos = off
+        while pos < off + size:
+            namesz, descsz, ntype = struct.unpack_from("<III", core, pos)
+            name = core[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            dpos = pos + 12 + (namesz + 3) // 4 * 4
+            out[(name, ntype)] = core[dpos:dpos + descsz]
+            pos = dpos + (descsz + 3) // 4 * 4
+    return out

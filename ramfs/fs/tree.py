@@ -181,6 +181,7 @@ class Tree:
                   has_data=view.has_data, stream=True)
         text = "".join(f"{a} {b}\n" for a, b in populated).encode()
         self.file(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, data=text)
+        self._fill_cpus(d, img, mtime)
         try:
             core = ElfCore(view, cpus_of(img))
         except RamfsError as e:
@@ -188,6 +189,20 @@ class Tree:
             return
         self.file(phys, b"core.elf", mtime, size=core.size, blocks=(core.size + 511) // 512,
                   reader=core.read, stream=True)
+
+    def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
+        """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""
+        from ramfs.format.vmstate import cpu_states, parse_devices
+        if img.data is None or img.layout.vmdesc is None:
+            return
+        try:
+            cpus = cpu_states(parse_devices(img.data, img.layout))
+        except RamfsError as e:
+            log.warning("%s: no cpus.json: %s", img.path, e)
+            self.file(d, b"cpus.json", mtime, data=json.dumps({"error": str(e)}).encode() + b"\n")
+            return
+        self.file(d, b"cpus.json", mtime,
+                  data=json.dumps([c.to_dict() for c in cpus], indent=2).encode() + b"\n")
 
     def _subdir(self, parent: DirNode, name: bytes, mtime: int) -> DirNode:
         existing = parent.children.get(name)

@@ -124,14 +124,30 @@ class ElfCore:
 
 
 def cpus_of(image) -> list[Cpu]:
-    """The vCPUs of an image for the notes, decoded from its device state when possible."""
-    try:
-        from ramfs.format.vmstate import cpu_states, parse_devices
-    except ImportError:  # decoder not available: one vCPU with unknown registers
+    """The vCPUs of an image for the notes, decoded from its device state (vmdesc-driven).
+
+    An image whose device state cannot be decoded still gets a core: one vCPU whose
+    registers are all 0, so that the memory stays usable.
+    """
+    from ramfs.format.vmstate import cpu_states, parse_devices
+    if image.data is None:
         return [Cpu()]
     try:
-        states = cpu_states(parse_devices(image.source, image.layout))
+        states = cpu_states(parse_devices(image.data, image.layout))
     except RamfsError:
         return [Cpu()]
-    return [Cpu(regs=dict(getattr(s, "regs", {}) or {}), segments=dict(getattr(s, "segments", {}) or {}))
-            for s in states] or [Cpu()]
+    return [cpu_from_state(s) for s in states] or [Cpu()]
+
+
+def cpu_from_state(s) -> Cpu:
+    regs = {k: v for k, v in (s.regs or {}).items() if v is not None}
+    for name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "kernel_gs_base"):
+        v = getattr(s, name, None)
+        if v is not None:
+            regs[name] = v
+    segments = {}
+    for name in QEMU_SEGMENTS:
+        seg = getattr(s, name, None)
+        if seg is not None:
+            segments[name] = (seg.selector or 0, seg.base or 0, seg.limit or 0, seg.flags or 0)
+    return Cpu(regs=regs, segments=segments)
