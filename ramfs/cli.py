@@ -106,12 +106,79 @@ def cmd_convert(args) -> int:
     return EXIT_OK
 
 
+def _parse_size(text: str) -> int:
+    m = __import__("re").fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), __import__("re").I)
+    if not m:
+        raise RamfsError(f"not a size: {text!r} (e.g. 2G, 3072M)")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+
+
+def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
+    """Write a virtual file to ``out`` (new), skipping ranges that read as zeros (holes)."""
+    import os
+
+    from ramfs.progress import Progress
+
+    if os.path.lexists(out):
+        raise RamfsError(f"{out} already exists")
+    bar = Progress(size, label, enabled=False if quiet else None)
+    tmp = f"{out}.ramfs-{os.getpid()}.tmp"
+    chunk = 1 << 20
+    try:
+        with open(tmp, "xb") as f:
+            for off in range(0, size, chunk):
+                n = min(chunk, size - off)
+                if has_data is None or has_data(off, n):
+                    f.seek(off)
+                    f.write(read(off, n))
+                bar(off + n)
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, out)
+    except OSError as e:
+        raise RamfsError(f"cannot write {out}: {e.strerror}") from None
+    finally:
+        bar.done()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_phys(args) -> int:
+    from ramfs.image import open_image
+    from ramfs.image.phys import PhysView, phys_map
+
+    below = _parse_size(args.below_4g) if args.below_4g else None
+    with open_image(args.image, direct_io=args.direct_io) as img:
+        view = PhysView(img, phys_map(img, below))
+        if not view.map.ranges:
+            raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
+        _write_sparse_view(view.size, view.read, view.has_data, args.out, "phys", args.quiet)
+    return EXIT_OK
+
+
+def cmd_core(args) -> int:
+    from ramfs.image import open_image
+    from ramfs.image.elfcore import ElfCore, cpus_of
+    from ramfs.image.phys import PhysView, phys_map
+
+    below = _parse_size(args.below_4g) if args.below_4g else None
+    with open_image(args.image, direct_io=args.direct_io) as img:
+        view = PhysView(img, phys_map(img, below))
+        if not view.map.ranges:
+            raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
+        core = ElfCore(view, cpus_of(img))
+        _write_sparse_view(core.size, core.read, None, args.out, "core", args.quiet)
+    return EXIT_OK
+
+
 def cmd_mount(args) -> int:
     from ramfs.fs.daemon import mount
 
     return mount(args.source, args.mountpoint, foreground=args.foreground, debug=args.debug,
                  options=args.o, allow_other=args.allow_other, direct_io=args.direct_io,
-                 log_file=args.log, jobs=args.jobs)
+                 log_file=args.log, jobs=args.jobs,
+                 below_4g=_parse_size(args.below_4g) if args.below_4g else None)
 
 
 def cmd_umount(args) -> int:
@@ -134,6 +201,8 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
                    "else syslog)")
     s.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="directory mode: parallel page writers per conversion in convert/")
+    s.add_argument("--below-4g", metavar="SIZE",
+                   help="RAM below 4 GiB in phys/ when the guest ran with max-ram-below-4g (e.g. 2G)")
     s.set_defaults(func=cmd_mount)
 
 
@@ -175,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write page data with O_DIRECT, keeping it out of the page cache")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     s.set_defaults(func=cmd_convert)
+    for name, fn, what in (("phys", cmd_phys, "guest-physical memory (sparse; offset = address)"),
+                           ("core", cmd_core, "an ELF core like QEMU's dump-guest-memory")):
+        s = sub.add_parser(name, help=f"write {what}", description=f"Write {what} of IMAGE to OUT "
+                           "(a new file), for tools such as Volatility 3, crash and gdb.",
+                           epilog=f"example:\n  ramfs {name} vm.save {'vm.mem' if name == 'phys' else 'vm.elf'}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("image")
+        s.add_argument("out")
+        s.add_argument("--below-4g", metavar="SIZE", help="override the RAM split (max-ram-below-4g)")
+        s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(func=fn)
     s = sub.add_parser("mount", help="mount an image or a directory of images (read-only)",
                        description="Mount a save image (or every image in a directory) as files: "
                        "ram/<block>, maps/<block>, image.json, devices.json, domain.xml.",

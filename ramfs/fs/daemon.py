@@ -56,7 +56,8 @@ def _is_mountpoint(path: str) -> bool:
 
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
-          log_file: str | None = None, cache: str | None = None, jobs: int = 1) -> int:
+          log_file: str | None = None, cache: str | None = None, jobs: int = 1,
+          below_4g: int | None = None) -> int:
     import pyfuse3
     import trio
 
@@ -74,7 +75,7 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         raise RamfsError(f"{mountpoint} is already a mountpoint")
     if not os.path.exists(source):
         raise RamfsError(f"{source} does not exist")
-    tree = Tree(direct_io=direct_io, cache=cache)
+    tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g)
     if os.path.isdir(source):
         tree.mount_directory(source, convert_jobs=jobs)
     else:
