@@ -20,6 +20,12 @@ EPILOG = """examples:
 """
 
 
+def _show(text: str) -> str:
+    """Names from an image may hold bytes that are not UTF-8 (kept with surrogateescape):
+    print them escaped rather than fail."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -59,15 +65,15 @@ def cmd_info(args) -> int:
     ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
-        print(f"{k:<{w}}  {v}")
+        print(f"{k:<{w}}  {_show(v)}")
     print()
-    bw = max([len(b["idstr"]) for b in facts["blocks"]] + [5])
+    bw = max([len(_show(b["idstr"])) for b in facts["blocks"]] + [5])
     print(f"{'block':<{bw}}  {'size':>10}  {'populated':>10}  {'pages':>9}")
     for b in facts["blocks"]:
-        print(f"{b['idstr']:<{bw}}  {_size(b['used_length']):>10}  {_size(b['populated_bytes']):>10}  "
+        print(f"{_show(b['idstr']):<{bw}}  {_size(b['used_length']):>10}  {_size(b['populated_bytes']):>10}  "
               f"{b['populated_pages']:>9}")
     for wmsg in facts["warnings"]:
-        print(f"warning: {wmsg}")
+        print(f"warning: {_show(wmsg)}")
     return EXIT_OK
 
 
@@ -79,7 +85,7 @@ def cmd_check(args) -> int:
         print(f"{args.image}: OK")
         return EXIT_OK
     for p in problems:
-        print(f"{args.image}: {p}")
+        print(f"{args.image}: {_show(p)}")
     return EXIT_PROBLEMS
 
 
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RamfsError as e:
-        print(f"ramfs: error: {e}", file=sys.stderr)
+        print(f"ramfs: error: {_show(str(e))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -312,7 +312,7 @@ def _write_stream_tail(fd: int, base: int, layout, src: StreamLayout, tail: byte
     if tail is None:
         if src.device_offset == src.end:
             raise UnsupportedError("the stream ends right after RAM: it has no device state to carry over")
-        raise UnsupportedError("the device state after RAM is too large to carry over (over 128 MiB)")
+        raise UnsupportedError("the device state after RAM is too large to carry over (over 16 MiB)")
     if src.vmdesc_offset is not None and src.vmdesc is not None:
         cut = src.vmdesc_offset - src.device_offset
         out += tail[:cut]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
@@ -106,8 +107,9 @@ MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
 MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # QEMU_PACKED: version, page_size, bitmap, pages
 assert MAPPED_RAM_HEADER.size == 28
 
-# The vmdesc JSON is ~100 KiB for a typical guest; refuse to hold absurd ones in memory.
-MAX_VMDESC_BYTES = 64 << 20
+# The vmdesc JSON is ~100 KiB for a typical guest (a few MiB for huge ones); refuse to hold
+# absurd ones in memory. Streams keep at most this much of their tail.
+MAX_VMDESC_BYTES = 16 << 20
 
 _BE64 = struct.Struct(">Q")
 
@@ -208,7 +210,7 @@ class StreamLayout:
             return None
         try:
             data = json.loads(self.vmdesc)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise FormatError(f"vmdesc is not valid JSON: {e}", self.vmdesc_offset) from None
         if not isinstance(data, dict):
             raise FormatError("vmdesc JSON is not an object", self.vmdesc_offset)
@@ -380,7 +382,7 @@ class _Parser:
             # ram_save_setup writes the block page size only for hugepage-backed blocks under
             # postcopy. It starts with a zero byte where an idstr length would be non-zero.
             buf, i = cur.window(8)
-            if len(buf) - i == 8:
+            if len(buf) - i >= 8:
                 cand = _BE64.unpack_from(buf, i)[0]
                 if cand >= ps and cand & (cand - 1) == 0 and cand <= 1 << 40 and buf[i] == 0:
                     pc_size = cur.be64("postcopy page size")
@@ -636,18 +638,18 @@ class _Parser:
                     break
                 chunks += data
                 cur.pos += len(data)
-                if len(chunks) > 2 * MAX_VMDESC_BYTES:
+                if len(chunks) > MAX_VMDESC_BYTES + 8:
                     del chunks[: len(chunks) - MAX_VMDESC_BYTES - 8]
             end = cur.pos
             origin = end - len(chunks)
             if origin == device_offset:
-                self.tail_data = bytes(chunks)
-            src = _OffsetBytes(bytes(chunks), origin)
+                self.tail_data = chunks
+            src = _OffsetBytes(chunks, origin)
         if eof is not None:
             # No device sections: the description (if any) follows the EOF byte directly.
             if eof + 1 == end:
                 return None, None, end
-            return self._vmdesc_at(src, eof + 1, end), end
+            return (*self._vmdesc_at(src, eof + 1, end), end)
         lo = max(device_offset + 1, origin + 1, end - 5 - MAX_VMDESC_BYTES)
         pos = end
         step = 1 << 16
@@ -756,7 +758,10 @@ def bits_beyond(bitmap: bytes, num_pages: int) -> int:
 def populated_count(bitmap: bytes, num_pages: int) -> int:
     """Set bits among the first ``num_pages`` (LSB-first within little-endian words)."""
     full, rem = divmod(num_pages, 8)
-    n = int.from_bytes(bitmap[:full], "little").bit_count()
+    view = memoryview(bitmap)
+    # In 1 MiB steps: no copy of a whole (possibly huge) bitmap.
+    n = sum(int.from_bytes(view[i:min(i + (1 << 20), full)], "little").bit_count()
+            for i in range(0, full, 1 << 20))
     if rem:
         n += bin(bitmap[full] & ((1 << rem) - 1)).count("1")
     return n
@@ -793,17 +798,19 @@ def set_runs(bitmap: bytes, first: int, last: int):
         i = stop
 
 
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+_NON_FF_BYTE = re.compile(rb"[^\xff]")
+
+
 def _next_nonzero_byte(bitmap: bytes, i: int, limit: int) -> int:
-    # bytes.find of a non-zero byte is not available; strip zero bytes with lstrip on a slice.
-    chunk = bitmap[i:limit]
-    stripped = chunk.lstrip(b"\0")
-    return limit if not stripped else i + len(chunk) - len(stripped)
+    # A regex search scans in C without copying the rest of the bitmap.
+    m = _NONZERO_BYTE.search(bitmap, i, limit)
+    return m.start() if m else limit
 
 
 def _next_non_ff_byte(bitmap: bytes, i: int, limit: int) -> int:
-    chunk = bitmap[i:limit]
-    stripped = chunk.lstrip(b"\xff")
-    return limit if not stripped else i + len(chunk) - len(stripped)
+    m = _NON_FF_BYTE.search(bitmap, i, limit)
+    return m.start() if m else limit
 
 
 def read_bitmap(source: Source, block: RamBlockRecord) -> bytes:
