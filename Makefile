@@ -31,5 +31,18 @@ test: deps-test venv
 demo: deps venv
 	@bash scripts/demo.sh $(PY)
 
+# Benchmarks against FUSE/disk/QEMU ceilings (issue #10): writes docs/performance.md.
+# BENCH_SIZES=4,8 (GiB of guest RAM), RAMFS_BENCH_CACHE=/var/tmp/ramfs-bench (cached images).
+.PHONY: bench
+bench: venv
+	$(PY) bench/run.py
+
+# Load and crash tests at full length (issue #6): 16 readers for 60 s during conversions,
+# the writer killed at 50 random points.
+.PHONY: stress
+stress: deps-test venv
+	RAMFS_STRESS_SECONDS=60 RAMFS_KILL_POINTS=50 $(PY) -m pytest -q -s tests/test_stress.py \
+		tests/test_crash_safety.py -k "concurrent or random_points"
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
