@@ -158,6 +158,7 @@ class Tree:
                       reader=_block_reader(img, blk), has_data=blk.has_data, stream=True)
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
+        self._fill_cpus(d, img, mtime)
         self._fill_phys(d, img, maps, mtime)
         facts = json.dumps(describe(img, below_4g=self.below_4g), indent=2).encode() + b"\n"
         self.file(d, b"image.json", mtime, data=facts)
@@ -170,7 +171,11 @@ class Tree:
 
     def _fill_phys(self, d: DirNode, img: Image, maps: DirNode, mtime: int) -> None:
         """phys/memory (guest-physical addresses) and phys/core.elf, when the machine is known."""
-        pmap = phys_map(img, self.below_4g)
+        try:
+            pmap = phys_map(img, self.below_4g)
+        except RamfsError as e:  # e.g. a --below-4g that makes ranges overlap: no phys/ only
+            log.warning("%s: no phys/: %s", img.path, e)
+            return
         if not pmap.ranges:
             return
         view = PhysView(img, pmap)
@@ -181,7 +186,6 @@ class Tree:
                   has_data=view.has_data, stream=True)
         text = "".join(f"{a} {b}\n" for a, b in populated).encode()
         self.file(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, data=text)
-        self._fill_cpus(d, img, mtime)
         try:
             core = ElfCore(view, cpus_of(img))
         except RamfsError as e:

@@ -141,8 +141,9 @@ def cpus_of(image) -> list[Cpu]:
 
 def cpu_from_state(s) -> Cpu:
     regs = {k: v for k, v in (s.regs or {}).items() if v is not None}
-    for name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "kernel_gs_base"):
-        v = getattr(s, name, None)
+    for name, attr in (("rip", "rip"), ("rflags", "rflags"), ("cr0", "cr0"), ("cr2", "cr2"),
+                       ("cr3", "cr3"), ("cr4", "cr4"), ("kernel_gs_base", "kernelgsbase")):
+        v = getattr(s, attr, None)
         if v is not None:
             regs[name] = v
     segments = {}

@@ -89,8 +89,15 @@ def phys_map(image: Image, below_4g: int | None = None) -> PhysMap:
     ranges: list[PhysRange] = []
     omitted: list[tuple[str, str]] = []
     split_used = None
+    main_ids = set(MAIN_RAM_IDS)
+    if not any(b.idstr in main_ids for b in image.blocks):
+        # -machine memory-backend=ID names the main RAM block after the backend: take the
+        # largest block that is not a device's (no '/') and not firmware.
+        candidates = [b for b in image.blocks if "/" not in b.idstr and b.idstr not in BIOS_IDS + ("pc.rom",)]
+        if candidates:
+            main_ids = {max(candidates, key=lambda b: b.used_length).idstr}
     for blk in image.blocks:
-        if blk.idstr in MAIN_RAM_IDS:
+        if blk.idstr in main_ids:
             split = below_4g if below_4g is not None else below_4g_for(machine, blk.used_length)
             if split is None:
                 omitted.append((blk.idstr, f"machine type {machine!r} has no known RAM layout"))
