@@ -44,5 +44,10 @@ stress: deps-test venv
 	RAMFS_STRESS_SECONDS=60 RAMFS_KILL_POINTS=50 $(PY) -m pytest -q -s tests/test_stress.py \
 		tests/test_crash_safety.py -k "concurrent or random_points"
 
+# The structure-aware fuzzer at full length (issue #6); make test runs a short bounded run.
+.PHONY: fuzz
+fuzz: deps-test venv
+	$(PY) scripts/fuzz.py --cases 100000 --seed 1
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

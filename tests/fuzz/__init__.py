@@ -1,0 +1,1 @@
+"""Fuzzing of the format parser and image reader (see harness.py)."""
