@@ -150,20 +150,7 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
             os.unlink(tmp)
 
 
-def cmd_phys(args) -> int:
-    from ramfs.image import open_image
-    from ramfs.image.phys import PhysView, phys_map
-
-    below = _parse_size(args.below_4g) if args.below_4g else None
-    with open_image(args.image, direct_io=args.direct_io) as img:
-        view = PhysView(img, phys_map(img, below))
-        if not view.map.ranges:
-            raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
-        _write_sparse_view(view.size, view.read, view.has_data, args.out, "phys", args.quiet)
-    return EXIT_OK
-
-
-def cmd_core(args) -> int:
+def _write_phys_view(args, as_core: bool) -> int:
     from ramfs.image import open_image
     from ramfs.image.elfcore import ElfCore, cpus_of
     from ramfs.image.phys import PhysView, phys_map
@@ -173,9 +160,20 @@ def cmd_core(args) -> int:
         view = PhysView(img, phys_map(img, below))
         if not view.map.ranges:
             raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
-        core = ElfCore(view, cpus_of(img))
-        _write_sparse_view(core.size, core.read, None, args.out, "core", args.quiet)
+        if as_core:
+            core = ElfCore(view, cpus_of(img))
+            _write_sparse_view(core.size, core.read, None, args.out, "core", args.quiet)
+        else:
+            _write_sparse_view(view.size, view.read, view.has_data, args.out, "phys", args.quiet)
     return EXIT_OK
+
+
+def cmd_phys(args) -> int:
+    return _write_phys_view(args, as_core=False)
+
+
+def cmd_core(args) -> int:
+    return _write_phys_view(args, as_core=True)
 
 
 def cmd_mount(args) -> int:
