@@ -208,3 +208,20 @@ def test_convert_dir_permissions_and_readonly_rest(backing, tmp_path):
             os.mkdir(mp / "convert" / "d")
         with pytest.raises(OSError):
             open(mp / "a.save" / "ram" / "pc.ram", "r+b")
+
+
+@pytest.mark.skipif(__import__("fixture_data").shared_fixtures_dir() is None, reason="../shared/fixtures not present")
+def test_cp_of_the_linux_guest_equals_the_cli_conversion(backing, tmp_path):
+    """The Linux guest (../shared) through cp: the same bytes as ramfs convert, whose output
+    QEMU restores to the guest's memory (tests/test_convert.py)."""
+    from fixture_data import shared_fixture_path
+    mp = tmp_path / "mp"
+    with mounted(backing, mp):
+        for name in ("linux/linux-q35-raw.img", "linux/linux-q35-sequential.img"):
+            src = shared_fixture_path(name)
+            dst = Path(name).name
+            r = subprocess.run(["cp", str(src), str(mp / "convert" / dst)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            cli = tmp_path / f"cli-{dst}"
+            convert_file(str(src), str(cli))
+            assert sha(backing / dst) == sha(cli), name
