@@ -66,7 +66,8 @@ def test_hostile_block_names(tmp_path):
             assert str(path.resolve()).startswith(str(mp / "ram"))
             data = path.read_bytes()
             assert len(data) == 2 * PS and data[:PS] == bytes(PS) and data[PS:] == bytes([i + 1]) * PS
-        maps = walk_files(mp / "maps")
+        maps = {k: v for k, v in walk_files(mp / "maps").items()
+                if v.relative_to(mp / "maps").parts[0] != "@phys"}  # the guest-physical map
         assert len(maps) == len(files) == len(EVIL)
         for comp in (p for p in mp.rglob("*")):
             assert len(os.fsencode(comp.name)) <= 255 and comp.name not in (".", "..")
