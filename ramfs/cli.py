@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ramfs import __version__
@@ -90,8 +91,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import os
-
     from ramfs.convert import convert_file
     from ramfs.progress import Progress
 
@@ -121,14 +120,14 @@ def _parse_size(text: str) -> int:
 
 def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
     """Write a virtual file to ``out`` (new), skipping ranges that read as zeros (holes)."""
-    import os
-
+    from ramfs import tempfiles
     from ramfs.progress import Progress
 
     if os.path.lexists(out):
         raise RamfsError(f"{out} already exists")
     bar = Progress(size, label, enabled=False if quiet else None)
     tmp = f"{out}.ramfs-{os.getpid()}.tmp"
+    tempfiles.register(tmp)
     chunk = 1 << 20
     try:
         with open(tmp, "xb") as f:
@@ -148,6 +147,7 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
         bar.done()
         if os.path.exists(tmp):
             os.unlink(tmp)
+        tempfiles.unregister(tmp)
 
 
 def _write_phys_view(args, as_core: bool) -> int:
@@ -274,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_on_signal(signum, frame):
-    # SIGTERM/SIGHUP (timeout, systemd) unwind like Ctrl-C, so temporaries are removed.
-    raise SystemExit(128 + signum)
+    # SIGTERM/SIGHUP (timeout, systemd): remove our temporaries and leave at once. Raising
+    # instead could land inside a blocking call or a lock and never finish unwinding.
+    from ramfs import tempfiles
+    tempfiles.remove_all()
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

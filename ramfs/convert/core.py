@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ramfs import tempfiles
 from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, UnsupportedError
 from ramfs.format import encode
 from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, SaveFormat, is_libvirt_magic,
@@ -373,6 +374,7 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
     if os.path.lexists(dst):
         raise RamfsError(f"{dst} already exists")
     tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.ramfs-{os.getpid()}.tmp")
+    tempfiles.register(tmp)
     try:
         fin = open(src, "rb", buffering=0)
     except OSError as e:
@@ -399,6 +401,7 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
                 os.close(f)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        tempfiles.unregister(tmp)
 
 
 def _link_into_place(tmp: str, dst: str) -> None:
