@@ -139,7 +139,9 @@ class _GzipMembers:
 
     def _decompress(self, n: int) -> bytes:
         while not self._eof:
-            if self._d.unconsumed_tail:
+            # After a member's end zlib may leave a stale unconsumed_tail: what follows the
+            # member is unused_data (kept in _pending), never the tail again.
+            if not self._d.eof and self._d.unconsumed_tail:
                 out = self._d.decompress(self._d.unconsumed_tail, n)
             else:
                 data = self._pending or self._raw.read(self.CHUNK)
