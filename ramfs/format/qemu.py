@@ -802,15 +802,31 @@ _NONZERO_BYTE = re.compile(rb"[^\x00]")
 _NON_FF_BYTE = re.compile(rb"[^\xff]")
 
 
+_SKIP_CHUNK = 1 << 16
+
+
+def _next_byte_not(bitmap: bytes, i: int, limit: int, fill: int, pattern: re.Pattern) -> int:
+    # Runs of ``fill`` are skipped by bytes.count over windows that double up to 64 KiB (a
+    # memchr-speed C loop, ~10x faster than a regex over a long run: a terabyte block has a
+    # 32 MiB bitmap), while the first small window keeps short gaps cheap (a bitmap with one
+    # page set every 16 has 262144 of them). The regex then finds the byte in the window.
+    # Nothing copies the bitmap.
+    step = 64
+    while i < limit:
+        j = min(i + step, limit)
+        if bitmap.count(fill, i, j) != j - i:
+            return pattern.search(bitmap, i, j).start()
+        i = j
+        step = min(step * 2, _SKIP_CHUNK)
+    return limit
+
+
 def _next_nonzero_byte(bitmap: bytes, i: int, limit: int) -> int:
-    # A regex search scans in C without copying the rest of the bitmap.
-    m = _NONZERO_BYTE.search(bitmap, i, limit)
-    return m.start() if m else limit
+    return _next_byte_not(bitmap, i, limit, 0, _NONZERO_BYTE)
 
 
 def _next_non_ff_byte(bitmap: bytes, i: int, limit: int) -> int:
-    m = _NON_FF_BYTE.search(bitmap, i, limit)
-    return m.start() if m else limit
+    return _next_byte_not(bitmap, i, limit, 0xFF, _NON_FF_BYTE)
 
 
 def read_bitmap(source: Source, block: RamBlockRecord) -> bytes:

@@ -43,7 +43,7 @@ class Decompressor:
             elif fmt == SaveFormat.BZIP2:
                 self._stream = bz2.BZ2File(self._raw, "rb")
             elif fmt == SaveFormat.XZ:
-                self._stream = lzma.LZMAFile(self._raw, "rb")
+                self._stream = lzma.LZMAFile(self._raw, "rb", format=lzma.FORMAT_XZ)
             elif fmt == SaveFormat.ZSTD:
                 self._stream = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
             elif fmt == SaveFormat.LZOP:

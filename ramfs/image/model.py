@@ -223,7 +223,10 @@ class Image:
         if desc is None:
             return None
         out = []
-        for d in desc.get("devices", []):
+        listed = desc.get("devices")
+        # A description whose "devices" is not a list lists nothing (vmstate.parse_devices
+        # reports it); a hostile one must not turn describe() into a TypeError.
+        for d in listed if isinstance(listed, list) else []:
             if isinstance(d, dict):
                 out.append(Device(name=str(d.get("name", "")), instance_id=_int(d.get("instance_id")),
                                   version=_int(d.get("version")), vmsd_name=d.get("vmsd_name")))

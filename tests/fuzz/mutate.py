@@ -282,6 +282,74 @@ def op_json(case: Case, rng, **kw) -> str | None:
     return f"json {mode}"
 
 
+def _json_nodes(x, out: list, depth: int = 0) -> list:
+    if depth > 40:
+        return out
+    if isinstance(x, dict):
+        out.append(x)
+        for v in x.values():
+            _json_nodes(v, out, depth + 1)
+    elif isinstance(x, list):
+        out.append(x)
+        for v in x:
+            _json_nodes(v, out, depth + 1)
+    return out
+
+
+JSON_VALUES = [0, 1, -1, 2, 7, 8, 255, 256, 4096, 65535, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 52, 1 << 63,
+               1 << 64, 10 ** 30, 0.5, -0.0, True, None, "", "x", "uint64", "uint32 le", "struct", "buffer",
+               "bool", "int8", "int64 le", "unused_buffer", [], {}, [{}], {"name": "x", "size": 1}]
+JSON_KEYS = ["name", "size", "type", "array_len", "fields", "subsections", "struct", "instance_id",
+             "version", "vmsd_name", "devices", "page_size", "section_id", "index"]
+
+
+def op_json_tree(case: Case, rng, **kw) -> str | None:
+    """Mutate the VM description as JSON (a size, a type, an array length, a field list...)
+    and keep it valid JSON of the right length: the device-state decoder trusts its shape."""
+    import json
+    b = case.far[-1][1] if case.far else case.stream
+    fields = b.find(kind="json")
+    if not fields:
+        return None
+    f = fields[-1]
+    try:
+        doc = json.loads(b.get(f))
+    except (ValueError, RecursionError):
+        return None
+    nodes = _json_nodes(doc, [])
+    node = _pick(rng, nodes)
+    if node is None:
+        return None
+    mode = rng.randrange(5)
+    if isinstance(node, dict) and node:
+        key = _pick(rng, list(node)) if mode < 4 else _pick(rng, JSON_KEYS)
+        if mode == 0:
+            del node[key]
+        elif mode == 1 and isinstance(node[key], int) and not isinstance(node[key], bool):
+            node[key] = node[key] + rng.choice([-1, 1, 8, -8, 1 << 20, -(1 << 20)])
+        else:
+            node[key] = _pick(rng, JSON_VALUES)
+    elif isinstance(node, list) and node:
+        i = rng.randrange(len(node))
+        if mode == 0:
+            del node[i]
+        elif mode == 1:
+            node.insert(i, json.loads(json.dumps(node[i])))
+        elif mode == 2:
+            j = rng.randrange(len(node))
+            node[i], node[j] = node[j], node[i]
+        else:
+            node[i] = _pick(rng, JSON_VALUES)
+    else:
+        return None
+    new = json.dumps(doc, separators=(", ", ": ")).encode()
+    lens = [g for g in b.find(role="len") if g.end == f.off]
+    b.splice(f.off, f.end, new)
+    if lens:
+        b.set_int(lens[0], len(new))
+    return f"json-tree {mode}"
+
+
 XML_BAD = [
     b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
     b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">'
@@ -468,10 +536,49 @@ def op_huge(case: Case, rng, **kw) -> str | None:
     return f"huge {size:#x}" + (f" bitmap {pattern.hex()}" if pattern else "")
 
 
+MAGICS = [b"LibvirtQemudPart", b"LibvirtQemudSave", b"LibvirtQemudSavf", b"libvirtqemudsave", bytes(16),
+          b"QEVM" + bytes(12), b"QEVM\x00\x00\x00\x03" + bytes(8)]
+
+
+def op_magic(case: Case, rng, **kw) -> str | None:
+    """The libvirt magic: unfinished (LibvirtQemudPart), off by one letter, or a bare QEVM."""
+    p = case.prefix
+    if p is None:
+        return None
+    f = p.find(role="magic")
+    if not f:
+        return None
+    new = _pick(rng, MAGICS)
+    p.overwrite(f[0].off, new)
+    return f"magic {new[:16]!r}"
+
+
+def op_container(case: Case, rng, **kw) -> str | None:
+    """Put the stream in another container: bare <-> libvirt, raw <-> compressed."""
+    from fuzz.seeds import libvirt_prefix
+    mode = rng.randrange(3)
+    fmt = rng.choice([None, None, 1, 5, 2, 3])
+    if mode == 0 and case.prefix is None:
+        case.prefix = libvirt_prefix(fmt=fmt or rng.choice([0, 6]))
+        case.compress = fmt
+        return f"wrap libvirt fmt={fmt}"
+    if mode == 1 and case.prefix is not None:
+        case.prefix, case.compress, case.post = None, None, []
+        return "unwrap"
+    if case.prefix is not None:
+        f = case.prefix.find(role="format")
+        if f:
+            case.prefix.set_int(f[0], fmt or rng.choice([0, 6]))
+        case.compress, case.post = fmt, []
+        return f"compress fmt={fmt}"
+    return None
+
+
 OPS = [  # (weight, operator)
     (30, op_int), (8, op_name), (5, op_bitmap), (10, op_truncate), (10, op_span), (4, op_json),
     (3, op_xml), (1, op_nul), (20, op_bytes), (2, op_extend), (3, op_post), (4, op_fix_memsize),
-    (2, op_fix_libvirt), (2, op_fix_vmdesc), (0.15, op_huge),
+    (2, op_fix_libvirt), (2, op_fix_vmdesc), (0.15, op_huge), (1, op_magic), (1, op_container),
+    (6, op_json_tree),
 ]
 _TOTAL = sum(w for w, _ in OPS)
 

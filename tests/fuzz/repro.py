@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import struct
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def save(out: Path, name: str, img: Image, meta: dict) -> None:
 def dense(d: bytes) -> Image:
     return Image([(0, d)], len(d))
 
-ALL = ["tail", "json", "utf8", "bitmap-mem", "runs", "ztail", "gzip0"]
+ALL = ["tail", "json", "utf8", "bitmap-mem", "runs", "ztail", "gzip0", "gzloop", "devlist", "xz0"]
 
 
 def write(out: Path, which: list[str] | None = None) -> None:
@@ -116,13 +117,28 @@ def write(out: Path, which: list[str] | None = None) -> None:
             "layout": "QEVM, configuration (mapped-ram), RAM START: pc.ram 16 GiB, mapped-ram header, a 512 KiB bitmap (01 00 repeated); pages are a hole; the stream's end at pages_offset + 16 GiB"})
     if "ztail" in which:
         stream = seq()
-        body = zstandard.ZstdCompressor(level=1).compress(stream) + zstandard.ZstdCompressor(level=19).compress(bytes(72 << 20))
+        body = zstandard.ZstdCompressor(level=1).compress(stream) + zstandard.ZstdCompressor(level=19).compress(bytes(40 << 20))
         save(out, "zstd-long-tail-memory", dense(libvirt(5, body)), {
-            "bug": "For a compressed image (formats 1-5), _Parser.tail keeps up to 2 x MAX_VMDESC_BYTES (128 MiB) of the stream after the device state in a bytearray, then copies it (bytes(chunks)) and keeps a third view (_OffsetBytes): a 72 MiB run of zeros after the stream (a second zstd frame, 2.4 KiB of file) makes open_image and check hold ~260 MiB. Keep at most MAX_VMDESC_BYTES + 5 (a ring or a trimmed buffer, no copy), and consider a smaller MAX_VMDESC_BYTES (real ones are ~100 KiB).",
-            "layout": "libvirt header (format 5, zstd), XML; zstd frame of a minimal stream (ending in QEMU_VM_EOF), then a zstd frame of 72 MiB of zeros"})
+            "bug": "For a compressed image (formats 1-5), _Parser.tail keeps up to 2 x MAX_VMDESC_BYTES (128 MiB) of the stream after the device state in a bytearray, then copies it (bytes(chunks)) and keeps a third view (_OffsetBytes): a 40 MiB run of zeros after the stream (a second zstd frame, 1.4 KiB of file) made open_image and check hold ~150 MiB (72 MiB: ~260 MiB). Keep at most MAX_VMDESC_BYTES + 5 (a ring or a trimmed buffer, no copy), and consider a smaller MAX_VMDESC_BYTES (real ones are ~100 KiB).",
+            "layout": "libvirt header (format 5, zstd), XML; zstd frame of a minimal stream (ending in QEMU_VM_EOF), then a zstd frame of 40 MiB of zeros"})
     if "gzip0" in which:
         stream = seq()
         d = libvirt(1, gzip.compress(stream, 1, mtime=0))
         save(out, "gzip-trailing-zeros-slow", Image([(0, d)], len(d) + (8 << 20)), {
             "bug": "Python's gzip module skips zero padding after a member one byte per call (gzip._GzipReader._read_eof), ~0.4 us a byte: a gzip image followed by 8 MiB of zeros (a hole here) takes ~3 s per open, 1 GiB ~7 minutes (gzip -dc, and so libvirt, skips them quickly). Decompressor could read the raw stream itself (zlib.decompressobj per member) and skip zero runs with a bytes search, or stop at the first all-zero block after a member.",
             "layout": "libvirt header (format 1, gzip), XML, a gzip member of a minimal stream, then an 8 MiB hole"})
+    if "gzloop" in which:
+        stream = seq()
+        body = gzip.compress(stream, 1, mtime=0) + gzip.compress(bytes(2 << 20), 1, mtime=0) + bytes(7)
+        save(out, "gzip-member-end-loop", dense(libvirt(1, body)), {
+            "bug": "_GzipMembers._decompress (ramfs/image/decompress.py) loops for ever: when a member's output ends exactly at the max_length of a decompress() call, the next call finishes the member from unconsumed_tail; zlib then reports eof but leaves unconsumed_tail non-empty, so `if self._d.unconsumed_tail:` feeds it to the finished decompressor again and again (output empty, unused_data growing by the leftover each time: unbounded CPU and memory). Check `self._d.eof` first and continue from unused_data. Found by the fuzzer (a 72 MiB gzip member of zeros after the stream, then 7 zero bytes).",
+            "layout": "libvirt header (format 1, gzip), XML; a gzip member of a minimal stream, a gzip member of 2 MiB of zeros, then 7 zero bytes"})
+    if "devlist" in which:
+        save(out, "vmdesc-devices-not-a-list", dense(seq(after_eof=vmdesc(b'{"page_size": 4096, "devices": 7}'))), {
+            "bug": "Image.devices (ramfs/image/model.py) iterates vmdesc[\"devices\"] without checking that it is a list: a VM description whose \"devices\" is a number (valid JSON, an object) makes describe(), check() and `ramfs info` raise TypeError. Treat a non-list like a missing list (vmstate.parse_devices already raises FormatError for it). Found by the fuzzer's JSON-tree mutation.",
+            "layout": "a minimal stream (one device section) whose vmdesc is {\"page_size\": 4096, \"devices\": 7}"})
+    if "xz0" in which:
+        d = libvirt(3, lzma.compress(seq(), preset=0))
+        save(out, "xz-trailing-zeros-slow", Image([(0, d)], len(d) + (16 << 20)), {
+            "bug": "xz images are read with lzma.LZMAFile's default FORMAT_AUTO, which also accepts legacy .lzma streams: after the .xz stream, zero padding (or a hole) is decoded as one empty .lzma stream per 13 zero bytes (props 0, dictionary 0, size 0), each a trip through Python's _compression loop: 16 MiB of zeros take seconds, 1 GiB minutes to hours; a length that is not a multiple of 13 then ends in 'corrupt xz data'. libvirt restores with `xz -dc`, which takes .xz only. Use format=lzma.FORMAT_XZ: trailing zeros then end the data at once. Found by the fuzzer (an xz image followed by a 1 TiB hole).",
+            "layout": "libvirt header (format 3, xz), XML, an .xz stream of a minimal stream, then a 16 MiB hole"})

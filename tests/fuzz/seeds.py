@@ -253,12 +253,23 @@ def command(b: Blob, cmd: int, payload: bytes = b"") -> None:
     b.span(s, "section", "command")
 
 
-def device_tail(b: Blob, r: Real, vmdesc: bytes, vmdesc_mode: str = "full") -> None:
-    """The real device sections, the EOF byte and the VM description."""
+SMALL_DEVICES = 3
+
+
+def device_tail(b: Blob, r: Real, vmdesc: bytes, vmdesc_mode: str = "full", devices: bool = True,
+                footers: bool = True) -> None:
+    """The real device sections (unless ``devices`` is false), the EOF byte and the VM description.
+
+    ``vmdesc_mode="small"`` keeps the first three devices, in the stream and in the description
+    alike, so that the device state still decodes (vmstate.py) and the seed stays small.
+    """
     lay = r.layout
     tail = (r.data[lay.device_offset:lay.eof_offset] if r.data is not None
             else _pread(r.path, lay.device_offset, lay.eof_offset - lay.device_offset))
-    for i, (a, z) in enumerate(r.device_sections):
+    sections = r.device_sections if devices else []
+    if vmdesc_mode == "small":
+        sections = sections[:SMALL_DEVICES]
+    for i, (a, z) in enumerate(sections):
         sec = tail[a:z]
         s = b.pos
         if sec[0] == 0x04 and i < 3:
@@ -267,8 +278,9 @@ def device_tail(b: Blob, r: Real, vmdesc: bytes, vmdesc_mode: str = "full") -> N
                          *struct.unpack_from(">II", sec, 6 + n))
             body = sec[6 + n + 8:]
             b.add(body[:-5], "bytes", "vmstate", "device.state")
-            b.u8(0x7E, "type", "footer")
-            b.be32(struct.unpack(">I", body[-4:])[0], "id", "footer.id")
+            if footers:
+                b.u8(0x7E, "type", "footer")
+                b.be32(struct.unpack(">I", body[-4:])[0], "id", "footer.id")
         else:
             b.add(sec, "bytes", "vmstate", "device.section")
         b.span(s, "device", "device")
@@ -277,7 +289,7 @@ def device_tail(b: Blob, r: Real, vmdesc: bytes, vmdesc_mode: str = "full") -> N
     b.u8(0x06, "type", "vmdesc")
     if vmdesc_mode == "small":
         d = json.loads(vmdesc)
-        d["devices"] = d["devices"][:3]
+        d["devices"] = d["devices"][:SMALL_DEVICES if devices else 0]
         vmdesc = json.dumps(d, separators=(", ", ": ")).encode()
     b.be32(len(vmdesc), "len", "vmdesc.len")
     b.add(vmdesc, "json", "json", "vmdesc")
@@ -323,7 +335,7 @@ def _emit_record(b: Blob, d: bytes, r: Rec, ps: int, real_ps: int) -> None:
 def sequential(name: str = SEQ_PC, *, page_bits: int | None = None, caps: list[bytes] | None = None,
                uuid: bytes | None = None, noconf: bool = False, parts: int = 1, flush: bool = False,
                postcopy: bool = False, footers: bool = True, vmdesc: str = "small",
-               per_kind: int = 2) -> Blob:
+               per_kind: int = 2, devices: bool = True) -> Blob:
     r = real(name)
     lay = r.layout
     d = r.data
@@ -376,7 +388,7 @@ def sequential(name: str = SEQ_PC, *, page_bits: int | None = None, caps: list[b
     eos(b)
     footer(b, sid, footers)
     b.span(s, "section", "ram.end")
-    device_tail(b, r, r.vmdesc, vmdesc)
+    device_tail(b, r, r.vmdesc, vmdesc, devices, footers)
     if not (page_bits or caps or uuid or noconf or postcopy or parts != 1 or flush or not footers):
         # The unchanged prefix must be byte for byte the fixture's.
         assert bytes(b.buf[:lay.ram_start_offset]) == d[:lay.ram_start_offset], name
@@ -571,6 +583,8 @@ def build_seeds() -> list[Case]:
     add("seq-noconf-nofooter", sequential(SEQ_PC, noconf=True, footers=False))
     add("seq-postcopy", sequential(SEQ_PC, postcopy=True))
     add("seq-1k-pages", sequential(SEQ_Q35, page_bits=10, per_kind=1))
+    # QEMU_VM_EOF right after RAM END, the VM description after it (no device section).
+    add("seq-nodevices", sequential(SEQ_Q35, devices=False))
     add("mapped-small", mapped()[0])
     add("mapped-1k-pages", mapped(page_bits=10)[0])
     add("mapped-aligned", mapped(align=MIB, blocks=("pc.ram", "/rom@etc/acpi/rsdp"), pages=16)[0])
@@ -588,6 +602,10 @@ def build_seeds() -> list[Case]:
     add("lv-zstd-seq", sequential(SEQ_Q35, parts=2), libvirt_prefix(fmt=5), compress=5)
     add("lv-bzip2-seq", sequential(SEQ_PC, per_kind=1), libvirt_prefix(fmt=2), compress=2)
     add("lv-xz-seq", sequential(SEQ_PC, per_kind=1), libvirt_prefix(fmt=3), compress=3)
+    # Over 1 MiB decompressed: the parser meets a stream of unknown length (ForwardSource,
+    # the retained tail), as with real compressed images.
+    add("lv-zstd-seq-big", sequential(SEQ_PC, per_kind=300, vmdesc="full"), libvirt_prefix(fmt=5), compress=5)
+    add("lv-gzip-seq-big", sequential(SEQ_Q35, per_kind=300), libvirt_prefix(fmt=1), compress=1)
     for c in seeds:
         c.ops = [f"seed:{c.name}"]
     return seeds
