@@ -220,6 +220,31 @@ class StreamLayout:
 PageSink = Callable[[int, int, int], None]
 """``sink(block_index, page_index, payload_offset)``; offset 0 means a zero page."""
 
+RunSink = Callable[[int, int, int, int, int], None]
+"""``run(block_index, first_page, count, first_payload_offset, stride)``: ``count`` records
+of consecutive pages, one after another in the stream; offset 0 means zero pages. Equivalent
+to ``count`` calls of the page sink, for a caller that can store a run at C speed."""
+
+# Runs of CONTINUE records for consecutive pages are what QEMU writes for most of a guest
+# (ram_find_and_save_block walks the dirty bitmap in order). The parser checks such a run
+# K records at a time with one struct unpack of the K headers (an arithmetic progression of
+# addr|flags values is a run) instead of a Python iteration per record: the per-record loop
+# costs ~1.5 us, i.e. ~0.4 GB/s on half-zero images.
+_RUN_ZERO = 64
+_RUN_PAGE = 16
+_run_structs: dict[int, struct.Struct] = {}
+
+
+def _run_struct(ps: int) -> struct.Struct:
+    st = _run_structs.get(ps)
+    if st is None:
+        st = _run_structs[ps] = struct.Struct(">" + f"Q{ps}x" * _RUN_PAGE)
+    return st
+
+
+_ZERO_RUN_STRUCT = struct.Struct(">" + "Qx" * _RUN_ZERO)
+_ZERO_FILLS = bytes(_RUN_ZERO)
+
 
 def is_qemu_magic(head: bytes) -> bool:
     return head[:4] == QEMU_VM_FILE_MAGIC_BYTES
@@ -227,8 +252,10 @@ def is_qemu_magic(head: bytes) -> bool:
 
 class _Parser:
     def __init__(self, source: Source, base: int, end: int | None, on_page: PageSink | None,
-                 payloads: bool = False, on_setup: Callable[["_Parser"], None] | None = None):
+                 payloads: bool = False, on_setup: Callable[["_Parser"], None] | None = None,
+                 on_run: RunSink | None = None):
         self.src = source
+        self.on_run = on_run
         self.payloads = payloads
         self.on_setup = on_setup  # called once the RAM block list is known, before any page
         self.configuration_record: Configuration | None = None
@@ -438,7 +465,9 @@ class _Parser:
         cur = self.cur
         ps = self.page_size
         mask = ps - 1
-        need = 8 + 1 + 255 + ps
+        # One record at most, or one run of page records (so that runs do not stop at a
+        # window's edge); the window holds less only at the end of the data.
+        need = max(8 + 1 + 255 + ps, _RUN_PAGE * (8 + ps))
         by_name = self.by_name
         lengths = self.lengths
         sink = self.on_page
@@ -447,6 +476,10 @@ class _Parser:
         unpack = _BE64.unpack_from
         page_kinds = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
         payloads = self.payloads
+        run = self.on_run
+        zero_unpack = _ZERO_RUN_STRUCT.unpack_from
+        page_unpack = _run_struct(ps).unpack_from
+        skip_runs = 0
         buf, i = cur.window(need)
         base = cur.buf_start
         end = len(buf)
@@ -470,6 +503,36 @@ class _Parser:
                     if flags & RAM_SAVE_FLAG_CONTINUE:
                         if block is None:
                             raise FormatError("RAM page record with CONTINUE but no block before it", rec)
+                        if skip_runs:
+                            skip_runs -= 1
+                        else:
+                            # A run of K records for consecutive pages? (see _RUN_ZERO)
+                            j = i - 8
+                            if kind == RAM_SAVE_FLAG_ZERO:
+                                k, stride = _RUN_ZERO, 9
+                                ok = (end - j >= k * 9 and zero_unpack(buf, j) == tuple(range(v, v + k * ps, ps))
+                                      and buf[j + 8 : j + 9 * k : 9] == _ZERO_FILLS)
+                            else:
+                                k, stride = _RUN_PAGE, 8 + ps
+                                ok = (end - j >= k * stride
+                                      and page_unpack(buf, j) == tuple(range(v, v + k * ps, ps)))
+                            if ok and v - flags + (k - 1) * ps < lengths[block]:
+                                page0 = (v - flags) // ps
+                                if kind == RAM_SAVE_FLAG_ZERO:
+                                    if run is not None:
+                                        run(block, page0, k, 0, 0)
+                                    elif sink is not None:
+                                        for n in range(k):
+                                            sink(block, page0 + n, None if payloads else 0)
+                                elif run is not None:
+                                    run(block, page0, k, base + i, stride)
+                                elif sink is not None:
+                                    for n in range(k):
+                                        o = i + n * stride
+                                        sink(block, page0 + n, view[o : o + ps] if payloads else base + o)
+                                i = j + k * stride
+                                continue
+                            skip_runs = 8  # not a run here: parse a few records one by one
                     else:
                         n = buf[i] if i < end else -1
                         if n < 0 or end - i < 1 + n:
@@ -708,11 +771,15 @@ def parse_configuration(source: Source, base: int = 0) -> Configuration | None:
 
 
 def parse_stream(source: Source, base: int = 0, end: int | None = None,
-                 on_page: PageSink | None = None) -> StreamLayout:
-    """Walk a QEMU stream that starts at ``base``; see the module docstring."""
+                 on_page: PageSink | None = None, on_run: RunSink | None = None,
+                 on_setup: Callable[["_Parser"], None] | None = None) -> StreamLayout:
+    """Walk a QEMU stream that starts at ``base``; see the module docstring.
+
+    With ``on_run``, runs of records for consecutive pages go there instead of ``on_page``.
+    """
     if end is None:
         end = source.size
-    return _Parser(source, base, end, on_page).parse()
+    return _Parser(source, base, end, on_page, on_setup=on_setup, on_run=on_run).parse()
 
 
 PayloadSink = Callable[[int, int, "memoryview | None"], None]

@@ -62,6 +62,29 @@ class PageIndex:
         else:
             bm[i >> 3] &= ~(1 << (i & 7))
 
+    def run(self, block: int, page: int, count: int, offset: int, stride: int) -> None:
+        """``count`` consecutive pages from ``page``, payloads every ``stride`` bytes from
+        ``offset`` (0: zero pages); see qemu.RunSink."""
+        chunks = self.chunks[block]
+        while count > 0:
+            no = page >> CHUNK_SHIFT
+            i = page & CHUNK_MASK
+            k = min(count, CHUNK_PAGES - i)
+            c = chunks.get(no)
+            if c is None and offset:
+                c = chunks[no] = array("q", _ZERO_CHUNK)
+                self.bits[block][no] = bytearray(CHUNK_PAGES // 8)
+            if c is not None:
+                if offset:
+                    c[i : i + k] = array("q", range(offset, offset + k * stride, stride))
+                else:
+                    c[i : i + k] = array("q", _ZERO_CHUNK[: 8 * k])
+                _set_bits(self.bits[block][no], i, i + k, bool(offset))
+            page += k
+            count -= k
+            if offset:
+                offset += k * stride
+
     def chunk_bits(self, block: int, chunk_no: int) -> bytearray | None:
         return self.bits[block].get(chunk_no)
 
@@ -143,6 +166,26 @@ class PageIndex:
             raise
         except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"index file {path} is unusable: {e}") from None
+
+
+def _set_bits(bm: bytearray, start: int, stop: int, value: bool) -> None:
+    """Set (or clear) bits ``[start, stop)`` of an LSB-first bitmap, whole bytes at once."""
+    while start < stop and start & 7:
+        if value:
+            bm[start >> 3] |= 1 << (start & 7)
+        else:
+            bm[start >> 3] &= ~(1 << (start & 7))
+        start += 1
+    full = (stop - start) >> 3
+    if full:
+        bm[start >> 3 : (start >> 3) + full] = (b"\xff" if value else b"\x00") * full
+        start += full << 3
+    while start < stop:
+        if value:
+            bm[start >> 3] |= 1 << (start & 7)
+        else:
+            bm[start >> 3] &= ~(1 << (start & 7))
+        start += 1
 
 
 def layout_to_json(layout: StreamLayout) -> dict:

@@ -372,22 +372,12 @@ def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings:
 
 
 def _parse_with_index(src, base, holder: list) -> StreamLayout:
-    """Parse once; the page index is created lazily once the block count is known."""
-    state = {}
-
-    def sink(b, p, off):
-        idx = state.get("idx")
-        if idx is None:
-            idx = state["idx"] = PageIndex(b + 1)
-            holder.append(idx)
-        if b >= len(idx.chunks):
-            idx.add_blocks(b + 1)
-        idx.sink(b, p, off)
-
-    layout = parse_stream(src, base, src.size, on_page=sink)
-    if not holder:
-        holder.append(PageIndex(len(layout.blocks)))
-    holder[0].add_blocks(len(layout.blocks))
+    """Parse once, filling a page index sized when the block list is known."""
+    idx = PageIndex(0)
+    holder.append(idx)
+    layout = parse_stream(src, base, src.size, on_page=idx.sink, on_run=idx.run,
+                          on_setup=lambda p: idx.add_blocks(len(p.blocks)))
+    idx.add_blocks(len(layout.blocks))
     return layout
 
 
