@@ -9,6 +9,7 @@ import pytest
 from ramfs.format.qemu import RamBlockRecord
 from ramfs.image.index import CHUNK_PAGES, PageIndex
 from ramfs.image.model import IndexedBlock
+from streams import random_records, sequential_stream
 
 PS = 4096
 
@@ -62,58 +63,14 @@ def test_index_matches_a_dict_model(seed, tmp_path):
 
 # --- the parser's run fast path (qemu._RUN_ZERO/_RUN_PAGE) against record-by-record sinks ---
 
-def _stream(records, blocks):
-    """A minimal sequential stream: ``records`` are (block, page, payload or None)."""
-    import struct
-
-    from ramfs.format import encode as enc
-    from ramfs.format.qemu import (Configuration, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE,
-                                   RAM_SAVE_FLAG_ZERO, SectionType)
-    conf = Configuration(offset=0, machine="pc-i440fx-10.0", target_page_bits=None, capabilities=(),
-                         uuid=None, end=0)
-    out = bytearray(enc.file_header() + enc.configuration(conf, ()))
-    out += enc.section_start(2) + enc.mem_size(sum(n for _, n in blocks))
-    out += b"".join(enc.block_record(name, n) for name, n in blocks)
-    out += enc.eos() + enc.footer(2) + enc.section_part_end(SectionType.SECTION_PART, 2)
-    prev = None
-    for b, p, payload in records:
-        flags = RAM_SAVE_FLAG_ZERO if payload is None else RAM_SAVE_FLAG_PAGE
-        if b == prev:
-            out += struct.pack(">Q", p * PS | flags | RAM_SAVE_FLAG_CONTINUE)
-        else:
-            out += struct.pack(">Q", p * PS | flags) + bytes([len(blocks[b][0])]) + blocks[b][0].encode()
-        out += b"\0" if payload is None else payload
-        prev = b
-    out += enc.eos() + enc.footer(2) + enc.section_part_end(SectionType.SECTION_END, 2)
-    out += enc.eos() + enc.footer(2) + bytes([SectionType.EOF])
-    return bytes(out)
-
-
-def _random_records(rng, blocks):
-    recs = []
-    for _ in range(rng.randrange(1, 40)):
-        b = rng.randrange(len(blocks))
-        pages = blocks[b][1] // PS
-        start = rng.randrange(pages)
-        n = min(pages - start, rng.choice([1, 3, 15, 16, 17, 63, 64, 65, 200, 1000]))
-        zero = rng.random() < 0.5
-        step = 1 if rng.random() < 0.85 else rng.choice([2, -1])
-        for k in range(n):
-            p = start + k * step
-            if not 0 <= p < pages:
-                break
-            recs.append((b, p, None if zero else bytes([rng.randrange(1, 256)]) * PS))
-    return recs
-
-
 @pytest.mark.parametrize("seed", range(10))
 def test_run_fast_path_equals_record_by_record(seed):
     from ramfs.format.qemu import parse_stream, parse_stream_payloads
     from ramfs.format.source import BytesSource
     rng = random.Random(seed)
     blocks = [("pc.ram", (CHUNK_PAGES + 300) * PS), ("vga.vram", 70 * PS)]
-    recs = _random_records(rng, blocks)
-    data = _stream(recs, blocks)
+    recs = random_records(rng, blocks)
+    data = sequential_stream(recs, blocks)
     # The truth: the last record of each page wins.
     want = [dict() for _ in blocks]
     for b, p, payload in recs:
@@ -146,7 +103,7 @@ def test_run_fast_path_is_taken_and_checks_like_the_slow_one():
     from ramfs.format.source import BytesSource
     blocks = [("pc.ram", 512 * PS)]
     recs = [(0, p, None) for p in range(200)] + [(0, p, b"\x01" * PS) for p in range(200, 400)]
-    data = _stream(recs, blocks)
+    data = sequential_stream(recs, blocks)
     calls = []
     parse_stream(BytesSource(data), on_run=lambda *a: calls.append(a), on_page=lambda *a: None)
     assert sum(c[2] for c in calls if c[3] == 0) >= 128 and sum(c[2] for c in calls if c[3]) >= 128
@@ -157,6 +114,6 @@ def test_run_fast_path_is_taken_and_checks_like_the_slow_one():
     with pytest.raises(FormatError, match="fill byte"):
         parse_stream(BytesSource(bytes(bad)), on_run=lambda *a: None, on_page=lambda *a: None)
     # A run reaching past the block's end is still an error (pages 90..99 of a 90-page block).
-    data = _stream([(0, p, None) for p in range(100)], [("pc.ram", 90 * PS)])
+    data = sequential_stream([(0, p, None) for p in range(100)], [("pc.ram", 90 * PS)])
     with pytest.raises(FormatError, match="past the end of block"):
         parse_stream(BytesSource(data), on_run=lambda *a: None, on_page=lambda *a: None)

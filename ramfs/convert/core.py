@@ -187,6 +187,7 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
         state["layout"] = layout
         state["writer"] = MappedRamWriter(fd, layout, parser.page_size, jobs=jobs, direct_fd=direct_fd)
         parser.on_page = state["writer"].page  # from here on, records go straight to the writer
+        parser.on_payload_run = state["writer"].run
 
     def on_page(block, page, payload) -> None:
         raise FormatError("page record before the RAM block list", None)

@@ -256,6 +256,10 @@ class _Parser:
                  on_run: RunSink | None = None):
         self.src = source
         self.on_run = on_run
+        # Payload mode: ``on_payload_run(block, first_page, count, buf, start, stride)`` gets a
+        # run of pages whose payloads are ``buf[start + n * stride:][:page_size]`` (``buf`` is
+        # None for zero pages); set by a converter's on_setup, like on_page.
+        self.on_payload_run: Callable[[int, int, int, bytes | None, int, int], None] | None = None
         self.payloads = payloads
         self.on_setup = on_setup  # called once the RAM block list is known, before any page
         self.configuration_record: Configuration | None = None
@@ -477,6 +481,7 @@ class _Parser:
         page_kinds = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
         payloads = self.payloads
         run = self.on_run
+        payload_run = self.on_payload_run if payloads else None
         zero_unpack = _ZERO_RUN_STRUCT.unpack_from
         page_unpack = _run_struct(ps).unpack_from
         skip_runs = 0
@@ -518,7 +523,12 @@ class _Parser:
                                       and page_unpack(buf, j) == tuple(range(v, v + k * ps, ps)))
                             if ok and v - flags + (k - 1) * ps < lengths[block]:
                                 page0 = (v - flags) // ps
-                                if kind == RAM_SAVE_FLAG_ZERO:
+                                if payload_run is not None:
+                                    if kind == RAM_SAVE_FLAG_ZERO:
+                                        payload_run(block, page0, k, None, 0, 0)
+                                    else:
+                                        payload_run(block, page0, k, buf, i, stride)
+                                elif kind == RAM_SAVE_FLAG_ZERO:
                                     if run is not None:
                                         run(block, page0, k, 0, 0)
                                     elif sink is not None:

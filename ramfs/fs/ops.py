@@ -71,6 +71,21 @@ def _invalidate_entry(parent_inode: int, name: bytes) -> None:
         log.debug("invalidate %r: %s", name, e)
 
 
+class _StaleInvalidateFilter(logging.Filter):
+    """pyfuse3's notify thread logs a traceback when the kernel no longer has the entry we
+    invalidate (ENOENT): the name was already forgotten, which is what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, FileNotFoundError) and "invalidate" in record.getMessage():
+            log.debug("kernel had already dropped the entry: %s", exc)
+            return False
+        return True
+
+
+logging.getLogger("pyfuse3").addFilter(_StaleInvalidateFilter())
+
+
 def fuse_errors(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
