@@ -135,3 +135,32 @@ def test_a_bug_in_a_handler_becomes_eio_not_a_crash(caplog):
         assert "bug in read" in caplog.text
     finally:
         t.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_assembler_tail_matches_a_bytearray_model(seed, monkeypatch, tmp_path):
+    """convert/ recognises a complete image by the last bytes written; the chunked tail
+    keeps exactly what the simple bytearray version kept (at least TAIL_KEEP bytes)."""
+    from ramfs.fs import convertdir
+    monkeypatch.setattr(convertdir, "TAIL_KEEP", 1000)
+    rng = random.Random(seed)
+    asm = convertdir.Assembler(str(tmp_path / "spool"))
+    model, model_end = bytearray(), 0
+    pos = 0
+    for _ in range(300):
+        offset = max(0, pos + rng.randrange(-600, 400))
+        data = bytes(rng.randrange(256) for _ in range(rng.choice([1, 50, 300, 1500])))
+        asm._keep_tail(offset, data)
+        end = offset + len(data)
+        if end >= model_end:  # the former implementation, as the model
+            if offset <= model_end and model_end - offset <= len(model):
+                del model[len(model) - (model_end - offset):]
+                model += data
+            else:
+                model = bytearray(data)
+            model_end = end
+            model = model[-1000:]
+        pos = max(pos, end)
+        got = b"".join(asm._tail)
+        assert asm._tail_end == model_end and asm._tail_len == len(got) >= len(model)
+        assert got[-1000:] == bytes(model)

@@ -290,8 +290,11 @@ class Operations(pyfuse3.Operations):
         conv = self._writers.get(fh)
         if conv is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        data = bytes(buf)
+        if conv.assembler.try_write(off, data):
+            return len(data)
         try:
-            await trio.to_thread.run_sync(conv.assembler.write, off, bytes(buf), limiter=self.write_limiter)
+            await trio.to_thread.run_sync(conv.assembler.write, off, data, limiter=self.write_limiter)
         except Exception as e:
             raise pyfuse3.FUSEError(_conv_errno(e)) from None
         return len(buf)
