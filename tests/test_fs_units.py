@@ -127,7 +127,7 @@ def test_a_bug_in_a_handler_becomes_eio_not_a_crash(caplog):
 
         def broken(off, size):
             raise ZeroDivisionError("boom")
-        node.reader = broken
+        node.reader = node.cached_reader = broken
         fi = call(ops.open, node.inode, os.O_RDONLY, None)
         with pytest.raises(pyfuse3.FUSEError) as e:
             call(ops.read, fi.fh, 0, 10)
@@ -164,3 +164,29 @@ def test_assembler_tail_matches_a_bytearray_model(seed, monkeypatch, tmp_path):
         got = b"".join(asm._tail)
         assert asm._tail_end == model_end and asm._tail_len == len(got) >= len(model)
         assert got[-1000:] == bytes(model)
+
+
+def test_nowait_reads_only_from_the_page_cache():
+    """FileSource.readinto_at(nowait=True) (the FUSE loop's fast path) never waits for the
+    disk: an evicted range raises WouldBlock, a cached one reads the same bytes."""
+    import tempfile
+
+    from ramfs.image.files import FileSource, WouldBlock
+    # /var/tmp, not /tmp: tmpfs pages cannot be evicted, and this test evicts them.
+    with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
+        data = os.urandom(1 << 20)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        src = FileSource(f.name)
+        try:
+            buf = bytearray(65536)
+            with pytest.raises(WouldBlock):
+                src.readinto_at(memoryview(buf), 4096, nowait=True)
+            src.readinto_at(memoryview(buf), 4096)  # now cached
+            again = bytearray(65536)
+            src.readinto_at(memoryview(again), 4096, nowait=True)
+            assert again == buf == data[4096:4096 + 65536]
+        finally:
+            src.close()

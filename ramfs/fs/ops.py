@@ -23,6 +23,7 @@ import trio
 from ramfs.errors import FormatError, ImageIOError, RamfsError
 from ramfs.fs.convertdir import ConversionFailed
 from ramfs.fs.tree import BLOCK_BLKSIZE, ROOT_INODE, DirNode, FileNode, Node, Tree
+from ramfs.image.files import WouldBlock
 
 log = logging.getLogger("ramfs.fs")
 
@@ -31,6 +32,8 @@ DYNAMIC_TIMEOUT = 1.0  # directory mode: new and removed images show up within a
 MAX_WORKERS = 32
 # Served for ranges the guest never touched, without a thread hop or an allocation.
 _ZEROS = memoryview(bytes(4 << 20))
+# Largest read tried from the page cache on the event loop (a 1 MiB copy is ~0.1 ms).
+NOWAIT_MAX = 1 << 20
 
 
 def errno_for(exc: BaseException, *, converting: bool = False) -> int:
@@ -248,6 +251,14 @@ class Operations(pyfuse3.Operations):
         size = min(size, node.size - off)
         if node.has_data is not None and size <= len(_ZEROS) and not node.has_data(off, size):
             return _ZEROS[:size]
+        if node.cached_reader is not None and size <= NOWAIT_MAX:
+            # Bytes already in the host page cache are copied here, on the loop: a thread hop
+            # costs more than the copy (~2x the reads per second for cached 4 KiB pages), and
+            # RWF_NOWAIT guarantees this never waits for the disk.
+            try:
+                return node.cached_reader(off, size)
+            except WouldBlock:
+                pass
         return await trio.to_thread.run_sync(node.reader, off, size, limiter=self.limiter)
 
     async def release(self, fh):

@@ -78,6 +78,8 @@ class FileNode(Node):
     data: bytes | None = None  # small metadata files live in memory
     reader: Callable[[int, int], bytes] | None = None  # large files read through the image
     has_data: Callable[[int, int], bool] | None = None  # False: the range reads as zeros, no I/O
+    # reader(offset, size, nowait=True) from the page cache only, or WouldBlock (on the loop)
+    cached_reader: Callable[..., bytes] | None = None
     stream: bool = False  # content never changes and is costly: let the kernel cache it
     mode: int = FILE_MODE
     dynamic_data: Callable[[], bytes] | None = None  # generated at each open (STATUS)
@@ -155,7 +157,8 @@ class Tree:
                 name += COLLISION_MARK
             self.file(leaf_ram, name, mtime, size=blk.used_length,
                       blocks=blk.populated_pages * blk.page_size // 512,
-                      reader=_block_reader(img, blk), has_data=blk.has_data, stream=True)
+                      reader=_block_reader(img, blk), has_data=blk.has_data, stream=True,
+                      cached_reader=_block_reader(img, blk, nowait=True))
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
         self._fill_cpus(d, img, mtime)
@@ -312,7 +315,7 @@ def _looks_like_image(path: str) -> bool:
     return head in (QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL) or head[:4] == QEMU_VM_FILE_MAGIC_BYTES
 
 
-def _block_reader(img: Image, blk) -> Callable[[int, int], bytes]:
+def _block_reader(img: Image, blk, nowait: bool = False) -> Callable[[int, int], bytes]:
     def read(offset: int, size: int) -> bytes:
-        return img.read(blk, offset, size)
+        return img.read(blk, offset, size, nowait)
     return read

@@ -15,6 +15,13 @@ import threading
 from ramfs.errors import ImageIOError
 
 
+class WouldBlock(Exception):
+    """A ``nowait`` read needs the disk (not a failure: the caller retries in a thread)."""
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
 class FileSource:
     """A read-only file read with ``pread``: no shared seek position, safe across threads."""
 
@@ -37,10 +44,25 @@ class FileSource:
             raise ImageIOError(f"read of {size} bytes at {offset:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
 
-    def readinto_at(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` from ``offset`` exactly; a short read means the file shrank."""
+    def readinto_at(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
+        """Fill ``buf`` from ``offset`` exactly; a short read means the file shrank.
+
+        With ``nowait``, only from the page cache (``RWF_NOWAIT``): raises
+        :class:`WouldBlock` instead of waiting for the disk, so an event loop can serve a
+        cached read at once and hand the rest to a worker thread.
+        """
         want = len(buf)
         done = 0
+        if nowait:
+            if _RWF_NOWAIT is None:
+                raise WouldBlock
+            try:
+                n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            except OSError:  # EAGAIN, or EOPNOTSUPP on a file system without it
+                raise WouldBlock from None
+            if n != want:  # partly cached (or the file shrank): the thread sorts it out
+                raise WouldBlock
+            return
         try:
             while done < want:
                 n = os.preadv(self.fd, [buf[done:]], offset + done)
@@ -231,8 +253,10 @@ class DirectFileSource:
         self._read(offset, size, lambda _at, v: parts.append(bytes(v)))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def readinto_at(self, buf: memoryview, offset: int) -> None:
+    def readinto_at(self, buf: memoryview, offset: int, nowait: bool = False) -> None:
         """Fill ``buf`` from ``offset`` exactly; a short read means the file shrank."""
+        if nowait:
+            raise WouldBlock  # O_DIRECT always waits for the device
         buf = memoryview(buf).cast("B")
         want = len(buf)
         if not want:

@@ -233,8 +233,11 @@ class Image:
         return out
 
     # -- reads -----------------------------------------------------------------------
-    def read(self, block: RamBlock | str, offset: int, size: int) -> bytearray:
-        """Bytes ``[offset, offset+size)`` of a block, short only at its end."""
+    def read(self, block: RamBlock | str, offset: int, size: int, nowait: bool = False) -> bytearray:
+        """Bytes ``[offset, offset+size)`` of a block, short only at its end.
+
+        ``nowait``: only if the bytes are in the page cache, else :class:`WouldBlock`.
+        """
         if isinstance(block, str):
             block = self.block(block)
         if self.data is None:
@@ -252,10 +255,10 @@ class Image:
             if foff is not None:
                 pending.append((pos, foff, length))
             pos += length
-        self._gather(view, pending)
+        self._gather(view, pending, nowait)
         return out
 
-    def _gather(self, view: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+    def _gather(self, view: memoryview, pieces: list[tuple[int, int, int]], nowait: bool = False) -> None:
         data = self.data
         i = 0
         n = len(pieces)
@@ -267,10 +270,10 @@ class Image:
                 span_end = pieces[j][1] + pieces[j][2]
                 j += 1
             if j == i + 1:
-                data.readinto_at(view[dst : dst + length], foff)
+                data.readinto_at(view[dst : dst + length], foff, nowait)
             else:
                 span = bytearray(span_end - foff)
-                data.readinto_at(memoryview(span), foff)
+                data.readinto_at(memoryview(span), foff, nowait)
                 for d, f, ln in pieces[i:j]:
                     view[d : d + ln] = span[f - foff : f - foff + ln]
             i = j
