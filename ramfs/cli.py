@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = build_parser().parse_args(argv)
+    from ramfs.memory import tune_malloc
+    tune_malloc()
     if args.func is not cmd_mount:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _exit_on_signal)

@@ -117,3 +117,36 @@ def test_run_fast_path_is_taken_and_checks_like_the_slow_one():
     data = sequential_stream([(0, p, None) for p in range(100)], [("pc.ram", 90 * PS)])
     with pytest.raises(FormatError, match="past the end of block"):
         parse_stream(BytesSource(data), on_run=lambda *a: None, on_page=lambda *a: None)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_reads_of_a_sequential_image_equal_the_last_records(seed, tmp_path):
+    """Image.read through IndexedBlock.plan (strided pieces for runs of records) against the
+    records themselves, at random offsets and sizes, page-aligned or not."""
+    from ramfs.image.model import open_image
+    rng = random.Random(seed)
+    blocks = [("pc.ram", (CHUNK_PAGES + 300) * PS), ("vga.vram", 70 * PS)]
+    recs = random_records(rng, blocks)
+    path = tmp_path / "seq.img"
+    path.write_bytes(sequential_stream(recs, blocks))
+    truth = [dict() for _ in blocks]
+    for b, p, payload in recs:
+        truth[b][p] = payload
+
+    def want(b, off, size):
+        out = bytearray()
+        for p in range(off // PS, (off + size + PS - 1) // PS):
+            out += truth[b].get(p) or bytes(PS)
+        skip = off % PS
+        return bytes(out[skip:skip + size])
+
+    with open_image(path, use_cache=False) as img:
+        for b, (name, length) in enumerate(blocks):
+            touched = sorted(truth[b])
+            for _ in range(40):
+                if touched and rng.random() < 0.7:
+                    off = max(0, rng.choice(touched) * PS + rng.randrange(-3 * PS, PS))
+                else:
+                    off = rng.randrange(length)
+                size = min(length - off, rng.choice([1, 100, PS, 3 * PS + 5, 64 * PS, 300 * PS + 17, 600 * PS]))
+                assert bytes(img.read(name, off, size)) == want(b, off, size), (name, off, size)

@@ -74,6 +74,26 @@ class FileSource:
             raise ImageIOError(f"read of {want} bytes at {offset:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
 
+    def readv_at(self, buffers: list, offset: int, nowait: bool = False) -> bool:
+        """Scatter the file's bytes from ``offset`` into ``buffers`` with one ``preadv``.
+
+        Returns False, having read nothing useful, if that call came back short (the caller
+        then reads another way); errors and ``nowait`` behave as in :meth:`readinto_at`.
+        """
+        want = sum(len(b) for b in buffers)
+        if nowait and _RWF_NOWAIT is None:
+            raise WouldBlock
+        try:
+            n = os.preadv(self.fd, buffers, offset, _RWF_NOWAIT) if nowait else os.preadv(self.fd, buffers, offset)
+        except OSError as e:
+            if nowait:
+                raise WouldBlock from None
+            raise ImageIOError(f"read of {want} bytes at {offset:#x} in {self.path} failed: "
+                               f"{e.strerror}", e.errno) from None
+        if n != want and nowait:
+            raise WouldBlock
+        return n == want
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

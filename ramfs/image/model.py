@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,8 @@ from ramfs.image.index import CHUNK_SHIFT, PageIndex
 # Neighbouring payloads closer than this are fetched with one pread and sliced: in a
 # sequential stream consecutive pages sit 8 bytes apart (the next record header).
 GATHER_GAP = 64
+_SKIP = memoryview(bytearray(GATHER_GAP))  # where record headers go in a scatter read
+_IOV_PAGES = 500  # pages per preadv: two iovecs each, under Linux's IOV_MAX of 1024
 
 
 class RamBlock:
@@ -140,6 +143,49 @@ class IndexedBlock(RamBlock):
         if zero_from is not None and zero_from < last:
             yield zero_from, last, None
 
+    def plan(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The populated pieces of bytes ``[offset, end)`` as ``(dst, file_offset, length,
+        stride)``: ``stride`` 0 is one contiguous piece; otherwise ``length // page_size``
+        whole pages at ``file_offset + k * stride``. Consecutive records of a sequential
+        stream are such a progression, so a 1 MiB read is a few pieces, not 256."""
+        ps = self.page_size
+        b = self.index
+        idx = self._index
+        out: list[tuple[int, int, int, int]] = []
+        full_end = end // ps  # pages below this end inside the read
+        p = offset // ps
+        last = (end + ps - 1) // ps
+        while p < last:
+            no = p >> CHUNK_SHIFT
+            base = no << CHUNK_SHIFT
+            chunk_end = min(last, base + (1 << CHUNK_SHIFT))
+            bits = idx.chunk_bits(b, no)
+            if bits is not None:
+                offs = idx.chunk(b, no)
+                for a, z in set_runs(bits, p - base, chunk_end - base):
+                    k = a
+                    while k < z:
+                        pg = base + k
+                        start = pg * ps
+                        m = min(z, full_end - base, k + _IOV_PAGES) - k
+                        if start < offset or m < 2:
+                            lo = max(offset, start)
+                            hi = min(end, start + ps)
+                            out.append((lo - offset, offs[k] + lo - start, hi - lo, 0))
+                            k += 1
+                            continue
+                        o0 = offs[k]
+                        stride = offs[k + 1] - o0
+                        if not ps <= stride <= ps + GATHER_GAP:  # not one record after another
+                            m = 1
+                        else:
+                            while m > 1 and offs[k:k + m] != array("q", range(o0, o0 + m * stride, stride)):
+                                m //= 2
+                        out.append((start - offset, o0, m * ps, stride if m > 1 else 0))
+                        k += m
+            p = chunk_end
+        return out
+
     def populated_ranges(self):
         """Straight from the chunk bitmaps: no per-page work in zero runs."""
         ps = self.page_size
@@ -249,24 +295,50 @@ class Image:
             return bytearray()
         out = bytearray(end - offset)
         view = memoryview(out)
-        pending: list[tuple[int, int, int]] = []  # (dst, file_offset, length), file-ascending
-        pos = 0
-        for foff, length in block.runs(offset, end - offset):
-            if foff is not None:
-                pending.append((pos, foff, length))
-            pos += length
-        self._gather(view, pending, nowait)
+        if isinstance(block, IndexedBlock):
+            pending = block.plan(offset, end)
+        else:
+            pending = []  # (dst, file_offset, length, 0), file-ascending
+            pos = 0
+            for foff, length in block.runs(offset, end - offset):
+                if foff is not None:
+                    pending.append((pos, foff, length, 0))
+                pos += length
+        self._gather(view, pending, nowait, block.page_size)
         return out
 
-    def _gather(self, view: memoryview, pieces: list[tuple[int, int, int]], nowait: bool = False) -> None:
+    def _gather(self, view: memoryview, pieces: list[tuple[int, int, int, int]], nowait: bool = False,
+                ps: int = 4096) -> None:
         data = self.data
         i = 0
         n = len(pieces)
         while i < n:
-            dst, foff, length = pieces[i]
+            dst, foff, length, stride = pieces[i]
+            if stride:
+                # Whole pages every ``stride`` bytes (a sequential image's records): one read
+                # of the span, then the pages are copied out of it.
+                count = length // ps
+                i += 1
+                if stride - ps <= len(_SKIP) and count <= _IOV_PAGES and hasattr(data, "readv_at"):
+                    # Straight into place: the record headers between pages go to a scratch
+                    # buffer, all in one preadv (no span buffer, no copy per page).
+                    skip = _SKIP[: stride - ps]
+                    iov = []
+                    for k in range(count):
+                        iov.append(view[dst + k * ps : dst + (k + 1) * ps])
+                        iov.append(skip)
+                    iov.pop()
+                    if data.readv_at(iov, foff, nowait):
+                        continue
+                span = memoryview(bytearray((count - 1) * stride + ps))
+                data.readinto_at(span, foff, nowait)
+                for k in range(count):
+                    view[dst + k * ps : dst + (k + 1) * ps] = span[k * stride : k * stride + ps]
+                continue
             j = i + 1
             span_end = foff + length
-            while j < n and 0 <= pieces[j][1] - span_end <= GATHER_GAP and pieces[j][0] == pieces[j - 1][0] + pieces[j - 1][2]:
+            while (j < n and not pieces[j][3] and 0 <= pieces[j][1] - span_end <= GATHER_GAP
+                   and pieces[j][0] == pieces[j - 1][0] + pieces[j - 1][2]):
                 span_end = pieces[j][1] + pieces[j][2]
                 j += 1
             if j == i + 1:
@@ -274,7 +346,7 @@ class Image:
             else:
                 span = bytearray(span_end - foff)
                 data.readinto_at(memoryview(span), foff, nowait)
-                for d, f, ln in pieces[i:j]:
+                for d, f, ln, _ in pieces[i:j]:
                     view[d : d + ln] = span[f - foff : f - foff + ln]
             i = j
 
