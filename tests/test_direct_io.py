@@ -501,3 +501,37 @@ def test_open_image_direct_io_matches():
             for b_d, b_p in zip(direct.blocks, plain.blocks):
                 for off in list(range(0, b_p.used_length, 1 << 20))[:8] + [max(0, b_p.used_length - 5000)]:
                     assert direct.read(b_d, off + 3, 70000) == plain.read(b_p, off + 3, 70000)
+
+
+def test_sequential_readers_with_read_ahead(disk_dir):
+    """Sequential readers (the read-ahead thread fills the next window meanwhile), several
+    at once in threads, in steps that do and do not line up with windows; then close while
+    a window may still be in flight."""
+    import threading
+    path, data = make_file(disk_dir, "ahead.bin", 10 * DIRECT_WINDOW + 777, seed=11)
+    errors = []
+
+    def reader(ds, start, step):
+        try:
+            pos = start
+            while pos < len(data):
+                got = ds.read_at(pos, step)
+                assert got == data[pos:pos + step], (start, step, pos)
+                pos += step
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    with DirectFileSource(path) as ds:
+        reader(ds, 0, 1 << 20)
+        assert ds._prefetcher is not None  # the read-ahead did run
+        reader(ds, 12345, 300_001)
+        threads = [threading.Thread(target=reader, args=(ds, s, st))
+                   for s, st in ((0, 1 << 20), (len(data) // 3, 128 << 10), (7, 4 << 20))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        ds.read_at(0, 4 << 20)
+        ds.read_at(4 << 20, 4 << 20)  # sequential: a read-ahead starts; close must wait for it
+    assert ds.fd == -1

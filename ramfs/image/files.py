@@ -128,6 +128,17 @@ class _Bounce(threading.local):
         self.hi = 0     # file offset just past the valid data (hi == lo: nothing held)
 
 
+class _Window:
+    """A window read ahead by the prefetch thread (the attributes of :class:`_Bounce`)."""
+
+    def __init__(self, buf: mmap.mmap, lo: int):
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.lo = self.hi = lo
+        self.done = threading.Event()
+        self.failed = False
+
+
 class DirectFileSource:
     """A read-only file read with ``O_DIRECT``: same interface as :class:`FileSource`.
 
@@ -182,6 +193,16 @@ class DirectFileSource:
         self.size = st.st_size
         self.stat = st
         self._tls = _Bounce()
+        # Read-ahead for sequential readers: O_DIRECT has no kernel readahead, so a reader
+        # alone would wait for the disk, then the disk for the reader. One window ahead is
+        # read by a thread of our own while the reader consumes the current one.
+        self._ahead: _Window | None = None
+        self._ahead_lock = threading.Lock()
+        self._spare: mmap.mmap | None = None
+        self._prefetcher: threading.Thread | None = None
+        self._prefetch_q: list[_Window] = []
+        self._prefetch_cv = threading.Condition(self._ahead_lock)
+        self._closed = False
         if self.size:
             # Some file systems accept the flag at open and refuse the I/O (or want larger
             # blocks): find out now, with one aligned block, not on the first real read.
@@ -232,6 +253,62 @@ class DirectFileSource:
             raise ImageIOError(f"read of {need} bytes at {lo:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
 
+    # -- read-ahead -------------------------------------------------------------------------
+    def _prefetch(self, lo: int) -> None:
+        """Have window ``[lo, lo + DIRECT_WINDOW)`` read in the background (once)."""
+        if lo >= self.size:
+            return
+        with self._ahead_lock:
+            if self._closed or (self._ahead is not None and self._ahead.lo == lo):
+                return
+            if self._ahead is not None and not self._ahead.done.is_set():
+                return  # one at a time: the disk is busy with the previous one
+            buf = self._spare if self._spare is not None else mmap.mmap(-1, self._window)
+            self._spare = None
+            w = self._ahead = _Window(buf, lo)
+            self._prefetch_q.append(w)
+            if self._prefetcher is None:
+                self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                                    name="ramfs-direct-readahead")
+                self._prefetcher.start()
+            self._prefetch_cv.notify()
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._ahead_lock:
+                while not self._prefetch_q and not self._closed:
+                    self._prefetch_cv.wait()
+                if self._closed:
+                    for w in self._prefetch_q:
+                        w.failed = True
+                        w.done.set()
+                    return
+                w = self._prefetch_q.pop(0)
+            try:
+                self._fill(w.lo, min(self.size, w.lo + self._window), w)
+            except ImageIOError:
+                w.failed = True  # the reader reads it again and reports the error itself
+            w.done.set()
+
+    def _take_ahead(self, t: _Bounce, pos: int) -> bool:
+        """If the read-ahead window holds ``pos``, make it this thread's window."""
+        with self._ahead_lock:
+            w = self._ahead
+            if w is None or not (w.lo <= pos < w.lo + self._window):
+                return False
+            self._ahead = None
+        w.done.wait()
+        if w.failed or not (w.lo <= pos < w.hi):
+            with self._ahead_lock:
+                self._spare = w.buf
+            return False
+        old = t.buf
+        t.buf, t.view, t.lo, t.hi = w.buf, w.view, w.lo, w.hi
+        if old is not None and len(old) == self._window:
+            with self._ahead_lock:
+                self._spare = old
+        return True
+
     def _read(self, offset: int, size: int, sink) -> int:
         """Pass the file's bytes ``[offset, offset+size)`` to ``sink(pos, view)`` piece by
         piece; return how many there were (fewer only at end of file)."""
@@ -250,15 +327,21 @@ class DirectFileSource:
                 lo = pos & ~mask
                 hi = min(end, lo + self._window)
                 held = t.hi - t.lo
-                if held and lo == t.hi:
-                    # Sequential: this read starts where the last window ended. Read ahead,
-                    # doubling the window up to the limit (as the kernel's readahead does),
-                    # so a stream of small reads becomes a few large requests.
-                    hi = max(hi, min(lo + 2 * held, lo + self._window, self.size))
-                t = self._bounce(((hi + mask) & ~mask) - lo)
-                self._fill(lo, hi, t)
-                if pos >= t.hi:                     # end of file
-                    break
+                sequential = held and lo == t.hi
+                took = self._take_ahead(t, pos)
+                if not took:
+                    if sequential:
+                        # Sequential: this read starts where the last window ended. Read
+                        # ahead, doubling the window up to the limit (as the kernel's
+                        # readahead does), so a stream of small reads becomes a few large
+                        # requests.
+                        hi = max(hi, min(lo + 2 * held, lo + self._window, self.size))
+                    t = self._bounce(((hi + mask) & ~mask) - lo)
+                    self._fill(lo, hi, t)
+                    if pos >= t.hi:                     # end of file
+                        break
+                if (took or sequential) and t.hi - t.lo >= self._window // 2:
+                    self._prefetch(t.hi)
             stop = min(end, t.hi)
             sink(pos - offset, t.view[pos - t.lo : stop - t.lo])
             pos = stop
@@ -291,6 +374,12 @@ class DirectFileSource:
                                f"index points to (was the image changed?)", errno.EIO)
 
     def close(self) -> None:
+        with self._ahead_lock:
+            self._closed = True
+            self._prefetch_cv.notify_all()
+            prefetcher = self._prefetcher
+        if prefetcher is not None:
+            prefetcher.join()  # its preadv must finish before the descriptor is closed
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
