@@ -225,3 +225,44 @@ def test_cp_of_the_linux_guest_equals_the_cli_conversion(backing, tmp_path):
             cli = tmp_path / f"cli-{dst}"
             convert_file(str(src), str(cli))
             assert sha(backing / dst) == sha(cli), name
+
+
+def _as_nobody(*cmd: str, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                          stdin=stdin, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "allow-other"])
+def test_other_users_and_convert_dir(backing, tmp_path, shared):
+    """Another user (nobody) sees nothing of a private mount; with --allow-other, convert/
+    is sticky and world-writable (mode 1777) and a copy by that user converts, while the
+    rest of the tree stays read-only for them."""
+    import shutil
+    import tempfile
+    sparse_copy(fixture_path("firmware/pc-mapped-ram.img"), backing / "a.save")
+    # The mountpoint must be reachable by nobody: pytest's tmp_path is root-only.
+    top = Path(tempfile.mkdtemp(prefix="ramfs-perm-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        mp = top / "mp"
+        extra = ("--allow-other",) if shared else ()
+        with mounted(backing, mp, *extra):
+            src = fixture_path(SEQUENTIAL[0])
+            ls = _as_nobody("ls", str(mp / "convert"))
+            if not shared:
+                assert ls.returncode != 0 and "denied" in ls.stderr.lower()
+                assert (mp / "convert").stat().st_mode & 0o7777 == 0o755
+                return
+            assert ls.returncode == 0, ls.stderr
+            assert (mp / "convert").stat().st_mode & 0o7777 == 0o1777
+            with open(src, "rb") as f:
+                r = _as_nobody("dd", f"of={mp / 'convert' / 'b.save'}", "bs=1M", stdin=f)
+            assert r.returncode == 0, r.stderr
+            assert _as_nobody("touch", str(mp / "x")).returncode != 0
+            assert _as_nobody("sh", "-c", f": > {mp / 'a.save' / 'image.json'}").returncode != 0
+        with open_image(backing / "b.save") as out, open_image(src) as orig:
+            assert out.encoding == "mapped-ram"
+            for blk in orig.blocks:
+                assert out.read(blk.idstr, 0, blk.used_length) == orig.read(blk, 0, blk.used_length)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

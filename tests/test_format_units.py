@@ -167,3 +167,43 @@ def test_forward_source_tees_and_bounds_memory():
         src.read_at(0, 1)  # dropped long ago
     assert src.drain() == 50000
     assert b"".join(seen[k] for k in sorted(seen)) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_bitmap_equals_the_dense_one(seed, tmp_path):
+    """Big bitmaps are read only where the file has data (ramfs.image.bitmap): runs, counts
+    and bits past the end must equal those of the whole bitmap read densely."""
+    import os
+    import random
+
+    from ramfs.format.qemu import MappedRamHeader, RamBlockRecord, bits_beyond, populated_count, set_runs
+    from ramfs.image.bitmap import CHUNK, SPARSE_FROM, SparseBitmap, load_bitmap
+    from ramfs.image.files import FileSource
+    rng = random.Random(seed)
+    pages = (SPARSE_FROM * 8) * 3 + rng.randrange(0, 64 * 8)  # a bitmap of ~3 MiB
+    size = (pages + 63) // 64 * 8
+    start = 4096 + rng.randrange(0, 3) * 8
+    path = tmp_path / "bm"
+    with open(path, "wb") as f:
+        f.truncate(start + size + 4096)  # a sparse file: the bitmap is a hole but where written
+        for _ in range(rng.choice([0, 1, 5, 40])):
+            at = rng.randrange(size)
+            n = min(size - at, rng.choice([1, 8, 100, CHUNK + 3]))
+            f.seek(start + at)
+            f.write(bytes(rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(n)))
+        # bits past the last page, in the last byte(s)
+        if rng.random() < 0.5:
+            f.seek(start + size - 1)
+            f.write(b"\x80")
+    hdr = MappedRamHeader(offset=0, version=1, page_size=4096, bitmap_offset=start, pages_offset=1 << 20)
+    rec = RamBlockRecord(index=0, idstr="pc.ram", used_length=pages * 4096, offset=0, mapped=hdr)
+    with FileSource(path) as src:
+        dense = src.read_at(start, size)
+        sparse = load_bitmap(src, rec)
+    assert isinstance(sparse, SparseBitmap)
+    assert sum(len(c) for c in sparse.chunks.values()) <= max(1, len(dense) - dense.count(0)) * CHUNK
+    assert bool(sparse) == bool(populated_count(dense, pages) + bits_beyond(dense, pages))
+    assert sparse.populated_count(pages) == populated_count(dense, pages)
+    assert sparse.bits_beyond(pages) == bits_beyond(dense, pages)
+    for first, last in [(0, pages)] + [tuple(sorted(rng.sample(range(pages + 1), 2))) for _ in range(5)]:
+        assert list(sparse.set_runs(first, last)) == list(set_runs(dense, first, last))

@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -91,6 +92,10 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         opts.add("debug")
     for group in options or []:
         opts |= {o.strip() for o in group.split(",") if o.strip()}
+    if tree.convert_dir is not None:
+        # convert/ is the one writable place: only the mounting user's unless the mount is
+        # shared, then everyone's, sticky like /tmp (default_permissions enforces both).
+        tree.convert_dir.mode = stat.S_IFDIR | (0o1777 if "allow_other" in opts else 0o755)
     try:
         pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as e:

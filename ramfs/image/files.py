@@ -15,6 +15,26 @@ import threading
 from ramfs.errors import ImageIOError
 
 
+def _data_ranges(fd: int, start: int, end: int):
+    pos = start
+    while pos < end:
+        try:
+            a = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            yield pos, end  # SEEK_DATA unsupported: assume data
+            return
+        if a >= end:
+            return
+        try:
+            b = os.lseek(fd, a, os.SEEK_HOLE)
+        except OSError:
+            b = end
+        yield a, min(b, end)
+        pos = b
+
+
 class WouldBlock(Exception):
     """A ``nowait`` read needs the disk (not a failure: the caller retries in a thread)."""
 
@@ -73,6 +93,11 @@ class FileSource:
         except OSError as e:
             raise ImageIOError(f"read of {want} bytes at {offset:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
+
+    def data_ranges(self, start: int, end: int):
+        """``(a, b)`` ranges of ``[start, end)`` that may hold data: holes of a sparse file
+        are skipped (``SEEK_DATA``/``SEEK_HOLE``); without that support, the whole range."""
+        yield from _data_ranges(self.fd, start, end)
 
     def readv_at(self, buffers: list, offset: int, nowait: bool = False) -> bool:
         """Scatter the file's bytes from ``offset`` into ``buffers`` with one ``preadv``.
@@ -252,6 +277,10 @@ class DirectFileSource:
                                    f"system)", e.errno) from None
             raise ImageIOError(f"read of {need} bytes at {lo:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
+
+    def data_ranges(self, start: int, end: int):
+        """As :meth:`FileSource.data_ranges`."""
+        yield from _data_ranges(self.fd, start, end)
 
     # -- read-ahead -------------------------------------------------------------------------
     def _prefetch(self, lo: int) -> None:

@@ -21,8 +21,9 @@ from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
 from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout,
                                bits_beyond, is_qemu_magic, parse_configuration, parse_stream, populated_count,
-                               read_bitmap, set_runs)
+                               set_runs)
 from ramfs.format.source import ForwardSource
+from ramfs.image.bitmap import SparseBitmap, load_bitmap
 from ramfs.image.cache import atomic_tmp, cache_dir, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
 from ramfs.image.files import FileSource
@@ -90,9 +91,15 @@ class RamBlock:
 class MappedRamBlock(RamBlock):
     """Bit set: the page is at ``pages_offset + i * page_size``; bit clear: zeros."""
 
-    def __init__(self, record: RamBlockRecord, page_size: int, bitmap: bytes):
-        super().__init__(record, page_size, populated_count(bitmap, record.used_length // page_size)
-                         if bitmap else 0)
+    def __init__(self, record: RamBlockRecord, page_size: int, bitmap: "bytes | SparseBitmap"):
+        pages = record.used_length // page_size
+        if isinstance(bitmap, SparseBitmap):
+            count = bitmap.populated_count(pages)
+            self._set_runs = bitmap.set_runs
+        else:
+            count = populated_count(bitmap, pages) if bitmap else 0
+            self._set_runs = lambda first, last: set_runs(bitmap, first, last)
+        super().__init__(record, page_size, count)
         self.bitmap = bitmap
         self.pages_offset = record.mapped.pages_offset
 
@@ -100,7 +107,7 @@ class MappedRamBlock(RamBlock):
         pos = first
         ps = self.page_size
         if self.bitmap:
-            for a, b in set_runs(self.bitmap, first, last):
+            for a, b in self._set_runs(first, last):
                 if a > pos:
                     yield pos, a, None
                 yield a, b, self.pages_offset + a * ps
@@ -467,8 +474,12 @@ def _make_blocks(src, layout: StreamLayout, index: PageIndex | None, warnings: l
     blocks: list[RamBlock] = []
     for rec in layout.blocks:
         if layout.mapped_ram:
-            bitmap = read_bitmap(src, rec)
-            extra = bits_beyond(bitmap, rec.used_length // layout.page_size) if bitmap else 0
+            bitmap = load_bitmap(src, rec)
+            pages = rec.used_length // layout.page_size
+            if isinstance(bitmap, SparseBitmap):
+                extra = bitmap.bits_beyond(pages)
+            else:
+                extra = bits_beyond(bitmap, pages) if bitmap else 0
             if extra:
                 warnings.append(f"bitmap of {rec.idstr!r} has {extra} bits set past its "
                                 f"{rec.used_length // layout.page_size} pages (ignored)")
