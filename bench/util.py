@@ -253,6 +253,38 @@ print(done, time.perf_counter() - t0)
 """
 
 
+DIRECT_PAGE_READER = r"""
+import mmap, os, random, sys, time
+path, lo, pages, stride, n, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+buf = memoryview(mmap.mmap(-1, 1 << 16))
+rng = random.Random(1)
+offs = [lo + rng.randrange(pages) * stride for _ in range(n)]
+done = 0
+t0 = time.perf_counter()
+for off in offs:
+    a = off & ~4095
+    b = (off + 4096 + 4095) & ~4095  # the device blocks holding the page: 8 KiB if it straddles
+    if os.preadv(fd, [buf[:b - a]], a) != b - a:
+        raise SystemExit("short read")
+    done += 1
+    if done % 256 == 0 and time.perf_counter() - t0 > limit:
+        break
+print(done, time.perf_counter() - t0)
+"""
+
+
+def direct_page_reads(path, lo: int, pages: int, stride: int, *, n: int = 40000, limit: float = 3.0) -> dict:
+    """O_DIRECT reads of the image itself, of the device blocks that hold page ``k`` at
+    ``lo + k * stride``: the disk's cost of a random page read where the image puts pages."""
+    r = subprocess.run([PY, "-c", DIRECT_PAGE_READER, str(path), str(lo), str(pages), str(stride), str(n), str(limit)],
+                       check=False, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"direct page reader on {path}: {r.stderr.strip()}")
+    done, secs = r.stdout.split()
+    return {"reads": int(done), "seconds": float(secs), "per_s": int(done) / float(secs)}
+
+
 def random_reads(path, lo: int, hi: int, *, n: int = 40000, limit: float = 3.0, advice: str = "random") -> dict:
     r = subprocess.run([PY, "-c", RANDOM_READER, str(path), str(lo), str(hi), str(n), str(limit), advice],
                        check=False, capture_output=True, text=True)
