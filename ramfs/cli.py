@@ -35,16 +35,48 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def cmd_info(args) -> int:
+def _facts(path: str) -> dict:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
-    with open_image(args.image, reads=False) as img:
-        facts = describe(img)
-    if args.json:
-        json.dump(facts, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return EXIT_OK
+    with open_image(path, reads=False) as img:
+        return describe(img)
+
+
+def cmd_info(args) -> int:
+    if args.jsonl:
+        # One line per image, errors included, so that a loop over a directory of saves can
+        # be piped to jq without stopping at the first bad one.
+        status = EXIT_OK
+        for path in args.image:
+            try:
+                line = _facts(path)
+            except RamfsError as e:
+                line = {"path": path, "error": _show(str(e))}
+                status = EXIT_ERROR
+            sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        return status
+    status = EXIT_OK
+    for n, path in enumerate(args.image):
+        if n and not args.json:
+            print()
+        try:
+            facts = _facts(path)
+        except RamfsError as e:
+            if len(args.image) == 1:
+                raise
+            print(f"ramfs: error: {path}: {_show(str(e))}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        if args.json:
+            json.dump(facts, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            _print_info(facts)
+    return status
+
+
+def _print_info(facts: dict) -> None:
     lv = facts["libvirt"]
     rows = [
         ("image", facts["path"]),
@@ -75,7 +107,51 @@ def cmd_info(args) -> int:
               f"{b['populated_pages']:>9}")
     for wmsg in facts["warnings"]:
         print(f"warning: {_show(wmsg)}")
+
+
+def cmd_ls(args) -> int:
+    """The RAM blocks, one line each like ``ls -l``: size, the bytes that hold data (the
+    rest reads as zeros), and the block's idstr (``ram/`` of a mount shows them as files)."""
+    facts = _facts(args.image)
+    rows = []
+    for b in facts["blocks"]:
+        size, used = b["used_length"], b["populated_bytes"]
+        pct = f"{100 * used / size:.1f}%" if size else "-"
+        fmt = (lambda n: str(n)) if args.bytes else _size
+        rows.append((fmt(size), fmt(used), pct, _show(b["idstr"])))
+    head = ("SIZE", "POPULATED", "%", "BLOCK")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    print(f"{head[0]:>{widths[0]}}  {head[1]:>{widths[1]}}  {head[2]:>{widths[2]}}  {head[3]}")
+    for r in rows:
+        print(f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
     return EXIT_OK
+
+
+def _versions() -> str:
+    """ramfs and what it runs on: bug reports need all four."""
+    import ctypes
+    import platform
+
+    try:
+        import pyfuse3
+        pyfuse = pyfuse3.__version__
+    except ImportError:
+        pyfuse = "not installed"
+    libfuse = "not found"
+    for name in ("libfuse3.so.3", "libfuse3.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            lib.fuse_pkgversion.restype = ctypes.c_char_p
+            libfuse = lib.fuse_pkgversion().decode()
+        except AttributeError:  # libfuse < 3.? has only the numeric API version
+            v = lib.fuse_version()
+            libfuse = f"{v // 10}.{v % 10} (API)"
+        break
+    return (f"ramfs {__version__}\npyfuse3 {pyfuse}\nlibfuse {libfuse}\n"
+            f"Python {platform.python_version()} ({sys.executable})")
 
 
 def cmd_check(args) -> int:
@@ -222,13 +298,24 @@ MOUNT_EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ramfs", description="Read QEMU and libvirt VM save images.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"ramfs {__version__}")
+    p.add_argument("--version", action="version", version=_versions())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="describe a save image", description="Describe a save image: "
                        "container, format, machine, capabilities and RAM blocks.")
-    s.add_argument("image")
-    s.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md)")
+    s.add_argument("image", nargs="+")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md, "
+                     "schema docs/info.schema.json), one document per image")
+    out.add_argument("--jsonl", action="store_true", help="one compact JSON object per line and image; an "
+                     "image that cannot be read gives {\"path\": ..., \"error\": ...}")
     s.set_defaults(func=cmd_info)
+    s = sub.add_parser("ls", help="list the RAM blocks like ls -l", description="List the RAM blocks of "
+                       "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
+                       epilog="examples:\n  ramfs ls vm.save\n  ramfs ls --bytes vm.save | sort -k2 -n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("image")
+    s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
+    s.set_defaults(func=cmd_ls)
     s = sub.add_parser("check", help="validate a save image's structure",
                        description="Validate a save image; list each problem and exit 1 if any.")
     s.add_argument("image")

@@ -1,0 +1,75 @@
+"""The command line as users meet it: --version, info over several images (--json, --jsonl), ls."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import jsonschema
+
+from conftest import REPO
+from fixture_data import MANIFEST, fixture_path
+from ramfs.image import open_image
+
+SCHEMA = json.loads((REPO / "docs" / "info.schema.json").read_text())
+IMAGES = [e["decompressed_path"] for e in MANIFEST if e["kind"] == "image"][:4]
+
+
+def ramfs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ramfs.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_version_names_every_layer():
+    r = ramfs("--version")
+    assert r.returncode == 0
+    import pyfuse3
+    lines = r.stdout.splitlines()
+    assert re.fullmatch(r"ramfs \d+\.\d+\.\d+.*", lines[0])
+    assert lines[1] == f"pyfuse3 {pyfuse3.__version__}"
+    assert re.fullmatch(r"libfuse 3\.\d+\.\d+", lines[2]), lines[2]  # libfuse3 is what pyfuse3 links
+    assert lines[3].startswith(f"Python {sys.version.split()[0]}")
+
+
+def test_info_jsonl_one_valid_line_per_image_and_errors_in_line(tmp_path):
+    junk = tmp_path / "junk.save"
+    junk.write_bytes(b"not a save image at all")
+    paths = [str(fixture_path(p)) for p in IMAGES]
+    r = ramfs("info", "--jsonl", *paths[:2], str(junk), *paths[2:])
+    assert r.returncode == 2  # one image could not be read
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert len(lines) == len(paths) + 1
+    good = [ln for ln in lines if "error" not in ln]
+    assert [ln["path"] for ln in good] == paths
+    for facts in good:
+        jsonschema.validate(facts, SCHEMA)
+    bad = lines[2]
+    assert bad["path"] == str(junk) and "not a save image" in bad["error"]
+    # --json of one image is the same document as its --jsonl line
+    one = json.loads(ramfs("info", "--json", paths[0]).stdout)
+    assert one == good[0]
+
+
+def test_info_of_several_images_keeps_going_past_a_bad_one(tmp_path):
+    junk = tmp_path / "junk.save"
+    junk.write_bytes(b"")
+    paths = [str(fixture_path(p)) for p in IMAGES[:2]]
+    r = ramfs("info", paths[0], str(junk), paths[1])
+    assert r.returncode == 2
+    assert r.stdout.count("pc.ram") >= 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("ramfs: error:") == 1 and str(junk) in r.stderr
+
+
+def test_ls_lists_every_block_with_its_populated_bytes():
+    path = fixture_path(IMAGES[0])
+    r = ramfs("ls", "--bytes", str(path))
+    assert r.returncode == 0, r.stderr
+    head, *rows = r.stdout.splitlines()
+    assert head.split() == ["SIZE", "POPULATED", "%", "BLOCK"]
+    with open_image(path) as img:
+        want = [(b.used_length, b.populated_pages * b.page_size, b.idstr) for b in img.blocks]
+    got = [(int(a), int(b), name) for a, b, _, name in (row.split(None, 3) for row in rows)]
+    assert got == want
+    human = ramfs("ls", str(path)).stdout
+    assert "MiB" in human and "pc.ram" in human
