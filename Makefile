@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 venv: $(STAMP)
+	@bash scripts/link-entry.sh $(VENV)/bin/ramfs
 
 test: deps-test venv
 	$(PY) -m pytest -q

@@ -252,13 +252,46 @@ def cmd_core(args) -> int:
     return _write_phys_view(args, as_core=True)
 
 
+# -o options that are ramfs's own (as in an fstab line), and the argument each one sets.
+RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "jobs": "jobs", "log": "log",
+                 "debug": "debug", "foreground": "foreground", "allow_other": "allow_other"}
+# Options mount(8), systemd or an fstab line may hand over that mean nothing to a FUSE mount:
+# dropped instead of making libfuse fail with "unknown option".
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "rw"}
+
+
+def split_mount_options(groups: list[str] | None) -> tuple[list[str], dict[str, str | bool]]:
+    """``-o`` groups -> (options for FUSE, ramfs settings). ``x-*`` and ``comment=`` options
+    (systemd's and fstab's) are dropped like the others mount(8) does not pass to FUSE."""
+    fuse: list[str] = []
+    own: dict[str, str | bool] = {}
+    for group in groups or []:
+        for opt in (o.strip() for o in group.split(",")):
+            key, eq, value = opt.partition("=")
+            if not opt or opt in IGNORED_OPTIONS or key.startswith("x-") or key == "comment":
+                continue
+            if key in RAMFS_OPTIONS:
+                own[RAMFS_OPTIONS[key]] = value if eq else True
+            else:
+                fuse.append(opt)
+    return fuse, own
+
+
 def cmd_mount(args) -> int:
     from ramfs.fs.daemon import mount
 
-    return mount(args.source, args.mountpoint, foreground=args.foreground, debug=args.debug,
-                 options=args.o, allow_other=args.allow_other, direct_io=args.direct_io,
-                 log_file=args.log, jobs=args.jobs,
-                 below_4g=_parse_size(args.below_4g) if args.below_4g else None)
+    fuse_opts, own = split_mount_options(args.o)
+    try:
+        jobs = int(own.get("jobs", args.jobs))
+    except ValueError:
+        raise RamfsError(f"-o jobs={own['jobs']}: not a number") from None
+    below = own.get("below_4g", args.below_4g)
+    return mount(args.source, args.mountpoint, foreground=args.foreground or bool(own.get("foreground")),
+                 debug=args.debug or bool(own.get("debug")), options=fuse_opts,
+                 allow_other=args.allow_other or bool(own.get("allow_other")),
+                 direct_io=args.direct_io or bool(own.get("direct_io")),
+                 log_file=own.get("log") or args.log, jobs=jobs,
+                 below_4g=_parse_size(below) if below else None)
 
 
 def cmd_umount(args) -> int:
@@ -272,7 +305,9 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("mountpoint")
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
-    s.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options")
+    s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="mount options, as in fstab: FUSE's (ro, allow_other, ...) and ramfs's own "
+                   "(direct_io, below_4g=SIZE, jobs=N, log=FILE, debug, foreground)")
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--direct-io", action="store_true",
@@ -371,7 +406,13 @@ def _exit_on_signal(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no API
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        # mount.fuse3 (mount -t fuse.ramfs, fstab) runs "ramfs SOURCE MOUNTPOINT -o OPTS".
+        argv = ["mount", *argv]
+    args = parser.parse_args(argv)
     from ramfs.memory import tune_malloc
     tune_malloc()
     if args.func is not cmd_mount:

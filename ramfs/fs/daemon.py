@@ -83,7 +83,9 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         tree.mount_image(source)
     ops = Operations(tree)
     opts = set(pyfuse3.default_options)  # default_permissions
-    opts |= {f"fsname={FSNAME_PREFIX}:{source}", f"subtype={FSNAME_PREFIX}"}
+    # /proc/mounts then reads "SOURCE MOUNTPOINT fuse.ramfs ...", like any fstab mount.
+    fsname = source.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options at commas
+    opts |= {f"fsname={fsname}", f"subtype={FSNAME_PREFIX}"}
     if tree.convert_dir is None:
         opts.add("ro")  # one image: nothing is writable; a directory has convert/
     if allow_other:
@@ -92,6 +94,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         opts.add("debug")
     for group in options or []:
         opts |= {o.strip() for o in group.split(",") if o.strip()}
+    if "ro" in opts and "rw" in opts:
+        opts.discard("rw")
     if tree.convert_dir is not None:
         # convert/ is the one writable place: only the mounting user's unless the mount is
         # shared, then everyone's, sticky like /tmp (default_permissions enforces both).
