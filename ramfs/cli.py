@@ -291,7 +291,7 @@ def cmd_mount(args) -> int:
                  allow_other=args.allow_other or bool(own.get("allow_other")),
                  direct_io=args.direct_io or bool(own.get("direct_io")),
                  log_file=own.get("log") or args.log, jobs=jobs,
-                 below_4g=_parse_size(below) if below else None)
+                 below_4g=_parse_size(below) if below else None, systemd=args.systemd)
 
 
 def cmd_umount(args) -> int:
@@ -316,6 +316,9 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
                    "else syslog)")
     s.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="directory mode: parallel page writers per conversion in convert/")
+    s.add_argument("--systemd", action="store_true",
+                   help="run under systemd (Type=notify): stay in the foreground, send READY=1 once "
+                   "mounted and STOPPING=1 on unmount, log to the journal (docs/ramfs@.service)")
     s.add_argument("--below-4g", metavar="SIZE",
                    help="RAM below 4 GiB in phys/ when the guest ran with max-ram-below-4g (e.g. 2G)")
     s.set_defaults(func=cmd_mount)

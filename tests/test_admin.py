@@ -96,3 +96,43 @@ def test_mount_options_are_split_between_ramfs_and_fuse():
                                      "comment=x,jobs=4,allow_other,defaults,rw,max_read=131072"])
     assert fuse == ["ro", "dev", "suid", "max_read=131072"]
     assert own == {"direct_io": True, "below_4g": "2G", "jobs": "4", "allow_other": True}
+
+
+def test_systemd_notify_ready_and_stopping(tmp_path):
+    """--systemd with a real datagram NOTIFY_SOCKET: READY=1 only once the mount serves,
+    STOPPING=1 when it stops (SIGTERM, as systemctl stop sends), journal-style log lines."""
+    import signal
+    import socket
+    import sys
+    img = fixture_path("firmware/pc-mapped-ram.img")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    sock_path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
+    proc = subprocess.Popen([sys.executable, "-m", "ramfs.cli", "mount", "--systemd", str(img), str(mp)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        msg = sock.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in msg.splitlines())
+        assert fields["READY"] == "1" and int(fields["MAINPID"]) == proc.pid
+        assert proc.poll() is None  # still in the foreground: systemd watches this process
+        assert mounts_line(mp)[2] == "fuse.ramfs"
+        assert json.loads((mp / "image.json").read_text())["path"] == str(img)  # usable when READY
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096).decode() == "STOPPING=1"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+        subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
+    err = proc.stderr.read()
+    lines = err.splitlines()
+    assert lines and all(ln.startswith(("<6>", "<4>", "<3>", "<7>")) for ln in lines), err
+    assert not any(ln[3:5].isdigit() and ln[5:6] == "-" for ln in lines)  # no timestamps of ours
+    assert any("mounted" in ln for ln in lines)
+    wait_gone(mp)

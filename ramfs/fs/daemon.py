@@ -58,14 +58,16 @@ def _is_mountpoint(path: str) -> bool:
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
-          below_4g: int | None = None) -> int:
+          below_4g: int | None = None, systemd: bool = False) -> int:
     import pyfuse3
     import trio
 
     from ramfs.fs.ops import Operations
     from ramfs.fs.tree import Tree
 
-    _setup_logging(debug, foreground, log_file)
+    if systemd:
+        foreground = True  # systemd keeps the process; Type=notify hears when it is ready
+    _setup_logging(debug, foreground, log_file, journal=systemd and not log_file)
     # Resolve paths now: once mounted, touching the mountpoint from this process before the
     # event loop runs would wait for ourselves.
     mountpoint = resolve_mountpoint(mountpoint)
@@ -115,11 +117,16 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     if ready is not None:
         ready()
     log.info("mounted %s on %s", source, mountpoint)
+    if systemd:
+        # The kernel mount exists and requests queue until the loop below serves them.
+        sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getpid()}")
     clean = False
     try:
         trio.run(_serve)
         clean = True
     finally:
+        if systemd:
+            sd_notify("STOPPING=1")
         pyfuse3.close(unmount=clean)
         tree.close()
         pidfile.unlink(missing_ok=True)
@@ -164,13 +171,47 @@ def _daemonize():
     return ready
 
 
-def _setup_logging(debug: bool, foreground: bool, log_file: str | None) -> None:
+def sd_notify(state: str) -> bool:
+    """Tell systemd about our state (sd_notify(3)), if it started us with a notify socket."""
+    import socket
+
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):  # abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            sock.sendall(state.encode())
+        return True
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), e.strerror)
+        return False
+
+
+class _JournalFormatter(logging.Formatter):
+    """stderr lines for journald: a ``<N>`` syslog priority prefix (sd-daemon(3)) so levels
+    survive, no timestamp (the journal has its own)."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prio = self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def _setup_logging(debug: bool, foreground: bool, log_file: str | None, journal: bool = False) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file)
+    if journal:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    elif log_file:
+        handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)
