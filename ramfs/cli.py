@@ -294,6 +294,20 @@ def cmd_mount(args) -> int:
                  below_4g=_parse_size(below) if below else None, systemd=args.systemd)
 
 
+def cmd_completion(args) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
+
+
+def cmd_manpage(args) -> int:
+    from ramfs.manpage import render
+
+    sys.stdout.write(render(build_parser(), args.date))
+    return EXIT_OK
+
+
 def cmd_umount(args) -> int:
     from ramfs.fs.daemon import umount
 
@@ -334,12 +348,21 @@ MOUNT_EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ramfs", description="Read QEMU and libvirt VM save images.",
+    p = argparse.ArgumentParser(prog="ramfs", description="Read QEMU and libvirt VM save images "
+                                "(sequential and mapped-ram, bare or in libvirt's container, any libvirt "
+                                "compression): describe and check them, mount them as files (RAM blocks, "
+                                "guest-physical memory, an ELF core, CPU state), and convert sequential "
+                                "images to mapped-ram (libvirt's 'sparse' format) by copying them into "
+                                "a mount's convert/ directory or with 'ramfs convert'.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=_versions())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="describe a save image", description="Describe a save image: "
-                       "container, format, machine, capabilities and RAM blocks.")
+                       "container, format, machine, capabilities and RAM blocks.",
+                       epilog="examples:\n  ramfs info /var/lib/libvirt/qemu/save/vm.save\n"
+                       "  ramfs info --json vm.save | jq '.blocks[] | {idstr, populated_bytes}'\n"
+                       "  ramfs info --jsonl /var/lib/libvirt/qemu/save/*.save | jq -r 'select(.error) | .path'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("image", nargs="+")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md, "
@@ -355,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("check", help="validate a save image's structure",
-                       description="Validate a save image; list each problem and exit 1 if any.")
+                       description="Validate a save image; list each problem and exit 1 if any.",
+                       epilog="examples:\n  ramfs check vm.save\n"
+                       "  for f in /var/lib/libvirt/qemu/save/*.save; do ramfs check \"$f\"; done",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("image")
     s.set_defaults(func=cmd_check)
     s = sub.add_parser("convert", help="convert a sequential image to mapped-ram (libvirt 'sparse')",
@@ -390,7 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "ram/<block>, maps/<block>, image.json, devices.json, domain.xml.",
                        epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_mount_arguments(s)
-    s = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    s = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print a completion script for bash or zsh.",
+                       epilog="examples:\n  ramfs completion bash > /etc/bash_completion.d/ramfs\n"
+                       "  ramfs completion zsh > /usr/local/share/zsh/site-functions/_ramfs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("shell", choices=("bash", "zsh"))
+    s.set_defaults(func=cmd_completion)
+    s = sub.add_parser("manpage", help="print the ramfs(1) man page (roff)",
+                       description="Print the ramfs(1) man page, generated from this parser.",
+                       epilog="example:\n  ramfs manpage > /usr/local/share/man/man1/ramfs.1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--date", help="date on the page (default: today)")
+    s.set_defaults(func=cmd_manpage)
+    s = sub.add_parser("umount", help="unmount and wait for the daemon to exit",
+                       description="Unmount MOUNTPOINT and wait until the daemon has exited (and so "
+                       "any conversion into convert/ has finished or been cleaned up).",
+                       epilog="examples:\n  ramfs umount /mnt/vm\n  ramfs umount --timeout 600 /mnt/saves",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("mountpoint")
     s.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for open files to close before stopping the daemon")
@@ -432,5 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
+def mount_main() -> int:
+    """``ramfs-mount IMAGE|DIR MOUNTPOINT [options]``: mount.py as an installed command."""
+    return main(["mount", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

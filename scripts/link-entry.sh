@@ -16,3 +16,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 0
 fi
 ln -sfn "$venv_bin" "$target"
+
+# The man page and bash completion, where man(1) and bash-completion look for local ones.
+venv_dir="$(dirname "$venv_bin")"
+mkdir -p /usr/local/share/man/man1 /usr/local/share/bash-completion/completions
+"$venv_bin" manpage > /usr/local/share/man/man1/ramfs.1
+"$venv_bin" completion bash > /usr/local/share/bash-completion/completions/ramfs
