@@ -254,7 +254,8 @@ def cmd_core(args) -> int:
 
 # -o options that are ramfs's own (as in an fstab line), and the argument each one sets.
 RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "jobs": "jobs", "log": "log",
-                 "debug": "debug", "foreground": "foreground", "allow_other": "allow_other"}
+                 "debug": "debug", "foreground": "foreground", "allow_other": "allow_other",
+                 "run_as": "user"}
 # Options mount(8), systemd or an fstab line may hand over that mean nothing to a FUSE mount:
 # dropped instead of making libfuse fail with "unknown option".
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "rw"}
@@ -291,7 +292,8 @@ def cmd_mount(args) -> int:
                  allow_other=args.allow_other or bool(own.get("allow_other")),
                  direct_io=args.direct_io or bool(own.get("direct_io")),
                  log_file=own.get("log") or args.log, jobs=jobs,
-                 below_4g=_parse_size(below) if below else None, systemd=args.systemd)
+                 below_4g=_parse_size(below) if below else None, systemd=args.systemd,
+                 user=own.get("user") or args.user)
 
 
 def cmd_completion(args) -> int:
@@ -321,7 +323,7 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
                    help="mount options, as in fstab: FUSE's (ro, allow_other, ...) and ramfs's own "
-                   "(direct_io, below_4g=SIZE, jobs=N, log=FILE, debug, foreground)")
+                   "(direct_io, below_4g=SIZE, jobs=N, log=FILE, run_as=USER, debug, foreground)")
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--direct-io", action="store_true",
@@ -330,6 +332,9 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
                    "else syslog)")
     s.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="directory mode: parallel page writers per conversion in convert/")
+    s.add_argument("--user", metavar="USER",
+                   help="as root: mount and open the images there are now, then drop to USER before "
+                   "reading any of them (-o run_as=USER in fstab); images added later are opened as USER")
     s.add_argument("--systemd", action="store_true",
                    help="run under systemd (Type=notify): stay in the foreground, send READY=1 once "
                    "mounted and STOPPING=1 on unmount, log to the journal (docs/ramfs@.service)")

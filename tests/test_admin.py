@@ -26,7 +26,7 @@ def mounts_line(mp: Path) -> list[str] | None:
 
 
 def daemon_pids(mp: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ramfs .*{mp}"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", f"ramfs.* {mp}"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
@@ -136,3 +136,91 @@ def test_systemd_notify_ready_and_stopping(tmp_path):
     assert not any(ln[3:5].isdigit() and ln[5:6] == "-" for ln in lines)  # no timestamps of ours
     assert any("mounted" in ln for ln in lines)
     wait_gone(mp)
+
+
+def _workers(mp: Path) -> dict[int, dict[str, str]]:
+    """The daemon processes of a mount: pid -> /proc/PID/status fields."""
+    out = {}
+    for pid in daemon_pids(mp):
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        out[pid] = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return out
+
+
+def test_user_drops_privileges_before_reading_images(tmp_path):
+    """--user nobody: the image sits where nobody cannot read it (opened as root before the
+    drop); the process that serves and parses runs with nobody's uids and no capabilities;
+    the root half only waits and unmounts."""
+    import sys
+    secret = tmp_path / "root-only"
+    secret.mkdir(mode=0o700)
+    img = secret / "vm.save"
+    shutil.copy(fixture_path("firmware/pc-mapped-ram.img"), img)
+    top = Path(__import__("tempfile").mkdtemp(prefix="ramfs-user-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        mp = top / "mp"
+        mp.mkdir()
+        r = subprocess.run([sys.executable, "-m", "ramfs.cli", "mount", "--user", "nobody", str(img), str(mp)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        try:
+            procs = _workers(mp)
+            uids = {pid: st["Uid"].split() for pid, st in procs.items()}
+            worker = [pid for pid, u in uids.items() if set(u) == {"65534"}]
+            root = [pid for pid, u in uids.items() if set(u) == {"0"}]
+            assert len(worker) == 1 and len(root) == 1, uids
+            assert int(procs[worker[0]]["CapEff"], 16) == 0 and int(procs[worker[0]]["CapPrm"], 16) == 0
+            assert int(procs[worker[0]]["PPid"]) == root[0]
+            with open(mp / "ram" / "pc.ram", "rb") as f, open(img, "rb"):
+                from ramfs.image import open_image
+                with open_image(img) as direct:
+                    assert f.read(1 << 20) == bytes(direct.read("pc.ram", 0, 1 << 20))
+            assert (mp / "ram" / "pc.ram").stat().st_uid == 65534
+        finally:
+            r = subprocess.run([sys.executable, "-m", "ramfs.cli", "umount", str(mp)], capture_output=True,
+                               text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_gone(mp)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_user_in_directory_mode_converts_inside_the_backing_directory_only(tmp_path):
+    """Directory mode with --user: convert/ writes as that user into the backing directory
+    (which it owns); a hostile stream whose block names try to climb out ("../../x") is
+    converted or refused, and nothing appears anywhere else."""
+    import sys
+
+    from streams import PS, sequential_stream
+    top = Path(__import__("tempfile").mkdtemp(prefix="ramfs-user-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        backing = top / "saves"
+        backing.mkdir()
+        os.chown(backing, 65534, 65534)
+        outside = top / "outside"
+        outside.mkdir(mode=0o777)
+        mp = top / "mp"
+        mp.mkdir()
+        hostile = sequential_stream([(0, 0, b"\x01" * PS), (1, 1, b"\x02" * PS)],
+                                    [("../../outside/pwned", 4 * PS), ("/../../../x", 4 * PS)])
+        r = subprocess.run([sys.executable, "-m", "ramfs.cli", "mount", "--user", "nobody", str(backing), str(mp)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        try:
+            (mp / "convert" / "evil.save").write_bytes(hostile)
+            assert {p.name for p in backing.iterdir()} == {"evil.save"}
+            assert (backing / "evil.save").stat().st_uid == 65534
+            listed = {p.name for p in (mp / "evil.save" / "ram").rglob("*")}
+            assert "pwned" in listed and "x" in listed  # names kept, under ram/
+        finally:
+            subprocess.run([sys.executable, "-m", "ramfs.cli", "umount", str(mp)], capture_output=True, timeout=60)
+        wait_gone(mp)
+        assert list(outside.iterdir()) == []
+        assert sorted(p.name for p in top.iterdir()) == ["mp", "outside", "saves"]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -58,7 +58,7 @@ def _is_mountpoint(path: str) -> bool:
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
-          below_4g: int | None = None, systemd: bool = False) -> int:
+          below_4g: int | None = None, systemd: bool = False, user: str | None = None) -> int:
     import pyfuse3
     import trio
 
@@ -78,17 +78,29 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         raise RamfsError(f"{mountpoint} is already a mountpoint")
     if not os.path.exists(source):
         raise RamfsError(f"{source} does not exist")
+    directory = os.path.isdir(source)
+    account = _account(user) if user else None
+    if account is not None and cache is None:
+        cache = _user_cache(account)
     tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g)
-    if os.path.isdir(source):
-        tree.mount_directory(source, convert_jobs=jobs)
+
+    def fill() -> None:
+        if directory:
+            tree.mount_directory(source, convert_jobs=jobs)
+        else:
+            tree.mount_image(source)
+
+    if account is None:
+        if os.geteuid() == 0:
+            log.warning("parsing untrusted images as root: consider --user (a user that can read them)")
+        fill()  # parse before mounting: a bad image fails the mount command itself
     else:
-        tree.mount_image(source)
-    ops = Operations(tree)
+        tree.preopened = _preopen(source, directory)
     opts = set(pyfuse3.default_options)  # default_permissions
     # /proc/mounts then reads "SOURCE MOUNTPOINT fuse.ramfs ...", like any fstab mount.
     fsname = source.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options at commas
     opts |= {f"fsname={fsname}", f"subtype={FSNAME_PREFIX}"}
-    if tree.convert_dir is None:
+    if not directory:
         opts.add("ro")  # one image: nothing is writable; a directory has convert/
     if allow_other:
         opts.add("allow_other")
@@ -98,10 +110,7 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         opts |= {o.strip() for o in group.split(",") if o.strip()}
     if "ro" in opts and "rw" in opts:
         opts.discard("rw")
-    if tree.convert_dir is not None:
-        # convert/ is the one writable place: only the mounting user's unless the mount is
-        # shared, then everyone's, sticky like /tmp (default_permissions enforces both).
-        tree.convert_dir.mode = stat.S_IFDIR | (0o1777 if "allow_other" in opts else 0o755)
+    ops = Operations(tree)
     try:
         pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as e:
@@ -114,24 +123,133 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         pidfile.write_text(f"{os.getpid()}\n")
     except OSError as e:
         log.warning("cannot write %s: %s", pidfile, e.strerror)
+    if account is not None:
+        child = os.fork()
+        if child:
+            # The root half: it never reads an image; it waits, passes signals on, and
+            # unmounts when the worker is gone (the worker, unprivileged, cannot).
+            return _supervise(child, mountpoint, pidfile, tree, systemd)
+        _drop_privileges(account)
+        try:
+            fill()
+        except (RamfsError, OSError) as e:
+            log.error("as %s: %s", account.pw_name, e)
+            os._exit(EXIT_FILL_FAILED)
+        ops.uid, ops.gid = os.getuid(), os.getgid()
+        ops.dynamic_root = tree.root is not None and tree.root.dynamic
+    if tree.convert_dir is not None:
+        # convert/ is the one writable place: only the mounting user's unless the mount is
+        # shared, then everyone's, sticky like /tmp (default_permissions enforces both).
+        tree.convert_dir.mode = stat.S_IFDIR | (0o1777 if "allow_other" in opts else 0o755)
     if ready is not None:
         ready()
-    log.info("mounted %s on %s", source, mountpoint)
+    log.info("mounted %s on %s%s", source, mountpoint, f" as {account.pw_name}" if account else "")
     if systemd:
         # The kernel mount exists and requests queue until the loop below serves them.
-        sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getpid()}")
+        sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getppid() if account else os.getpid()}")
     clean = False
     try:
         trio.run(_serve)
         clean = True
     finally:
-        if systemd:
+        if systemd and account is None:
             sd_notify("STOPPING=1")
-        pyfuse3.close(unmount=clean)
+        if account is None:
+            pyfuse3.close(unmount=clean)
         tree.close()
-        pidfile.unlink(missing_ok=True)
-        log.info("unmounted %s", mountpoint)
+        if account is None:
+            pidfile.unlink(missing_ok=True)
+            log.info("unmounted %s", mountpoint)
+    if account is not None:
+        os._exit(0)  # the root half unmounts
     return 0
+
+
+EXIT_FILL_FAILED = 3
+
+
+def _account(user: str):
+    import pwd
+
+    if os.geteuid() != 0:
+        raise RamfsError("--user needs root: it mounts as root, then drops to USER")
+    try:
+        return pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise RamfsError(f"--user {user}: no such user") from None
+
+
+def _user_cache(account) -> str:
+    """A cache directory the dropped user owns (indexes it writes after the drop)."""
+    # Not under root's home (0700, so unreachable after the drop).
+    d = Path("/var/cache/ramfs") / f"user-{account.pw_name}"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chown(d, account.pw_uid, account.pw_gid)
+    except OSError as e:
+        raise RamfsError(f"cannot prepare the cache {d} for {account.pw_name}: {e.strerror}") from None
+    return str(d)
+
+
+def _preopen(source: str, directory: bool) -> dict[str, int]:
+    """Open the images there are now, as root, so the user needs no read access to them."""
+    paths = [source] if not directory else [
+        e.path for e in os.scandir(source) if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+    out = {}
+    for p in paths:
+        try:
+            out[os.path.realpath(p)] = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            if not directory:
+                raise RamfsError(f"cannot open {p}: {e.strerror}") from None
+    return out
+
+
+def _drop_privileges(account) -> None:
+    os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)  # real, effective and saved: there is no way back
+    os.environ["HOME"] = account.pw_dir
+    os.environ["USER"] = os.environ["LOGNAME"] = account.pw_name
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise RamfsError("dropping privileges failed: setuid(0) still works")
+
+
+def _supervise(child: int, mountpoint: str, pidfile: Path, tree, systemd: bool) -> int:
+    import pyfuse3
+
+    for fd in tree.preopened.values():
+        os.close(fd)
+    tree.preopened.clear()
+    stopping = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if systemd:
+        sd_notify("STOPPING=1")
+    pyfuse3.close(unmount=True)
+    pidfile.unlink(missing_ok=True)
+    if code == EXIT_FILL_FAILED:
+        raise RamfsError(f"the images in {mountpoint} could not be read as the unprivileged user (see the log)")
+    log.info("unmounted %s", mountpoint)
+    return 0 if code == 0 or -code in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) else 1
 
 
 async def _serve() -> None:

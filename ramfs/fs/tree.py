@@ -95,6 +95,7 @@ class Tree:
         self._lock = threading.Lock()
         self.direct_io = direct_io
         self.cache = cache
+        self.preopened: dict[str, int] = {}  # realpath -> descriptor opened before --user
         self.below_4g = below_4g
         self.images: list[Image] = []
         self.root: DirNode | None = None
@@ -134,10 +135,16 @@ class Tree:
         self.images.clear()
 
     # -- single image ------------------------------------------------------------------
+    def _open(self, path: str) -> Image:
+        # An image opened before privileges were dropped (--user) is used once; reopening it
+        # later (it changed) happens as the unprivileged user.
+        fd = self.preopened.pop(os.path.realpath(path), None)
+        return open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd)
+
     def mount_image(self, path: str) -> None:
-        img = open_image(path, cache=self.cache, direct_io=self.direct_io)
+        img = self._open(path)
         self.images.append(img)
-        mtime = os.stat(path).st_mtime_ns
+        mtime = img.source.stat.st_mtime_ns  # fstat: the path may not be ours to stat (--user)
         self.root = self.add(DirNode(self.new_inode(), b"", mtime))
         assert self.root.inode == ROOT_INODE
         self.fill_image_dir(self.root, img, mtime)
@@ -293,7 +300,7 @@ class Tree:
     def _populate_image(self, d: DirNode) -> None:
         path = d.path
         try:
-            img = open_image(path, cache=self.cache, direct_io=self.direct_io)
+            img = self._open(path)
         except RamfsError as e:
             log.warning("%s: %s", path, e)
             self.file(d, b"ERROR", d.mtime_ns, data=f"{e}\n".encode())

@@ -374,20 +374,22 @@ def _int(v) -> int:
 
 
 def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = None, use_cache: bool = True,
-               reads: bool = True, allow_partial: bool = False, direct_io: bool = False) -> Image:
+               reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
+               fd: int | None = None) -> Image:
     """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
 
     ``reads=False`` describes a compressed image by streaming it, without spooling a
     decompressed copy. ``use_cache=False`` never reads or writes the cache. ``direct_io``
     reads the image with O_DIRECT (the decompression cache of formats 1-5 is still buffered).
+    ``fd``: the image already opened (by a more privileged process), taken over and closed.
     """
     path = os.fspath(path)
     if direct_io:
         # O_DIRECT: the scan and every read bypass the host page cache (for hosts running VMs).
         from ramfs.image.files import DirectFileSource
-        src = DirectFileSource(path)
+        src = DirectFileSource(path, fd)
     else:
-        src = FileSource(path)
+        src = FileSource(path, fd)
     try:
         return _open(path, src, Path(cache_dir(cache)), use_cache, reads, allow_partial)
     except BaseException:
@@ -422,7 +424,7 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
     layout = None
     index = None
     cached = False
-    if use_cache and idx_path.exists():
+    if use_cache and _exists(idx_path):
         try:
             index, layout, _ = PageIndex.load(idx_path)
             index.validate(layout, src.size)
@@ -451,6 +453,14 @@ def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings:
     elif layout.mapped_ram and not sparse:
         warnings.append(f"libvirt header says {meta.header.effective_format.label} but the stream is "
                         f"mapped-ram: libvirt could not restore it")
+
+
+def _exists(p: Path) -> bool:
+    """A cache entry we can use: an unreadable cache directory is no cache, not an error."""
+    try:
+        return p.exists()
+    except OSError:
+        return False
 
 
 def _parse_with_index(src, base, holder: list) -> StreamLayout:
@@ -494,7 +504,7 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image
     key = image_key(path, src.stat)
     idx_path = cdir / "index" / f"{key}.idx"
     data_path = cdir / "data" / f"{key}.stream"
-    if use_cache and idx_path.exists() and data_path.exists():
+    if use_cache and _exists(idx_path) and _exists(data_path):
         try:
             index, layout, _ = PageIndex.load(idx_path)
             data = FileSource(data_path)
