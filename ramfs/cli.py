@@ -35,12 +35,23 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _facts(path: str) -> dict:
+def _scan_bar(quiet: bool = False):
+    """A progress bar for opening an image (index build, decompression) on a terminal."""
+    from ramfs.progress import Progress
+
+    return Progress(None, "scanning", enabled=False if quiet else None)
+
+
+def _facts(path: str, quiet: bool = False) -> dict:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
-    with open_image(path, reads=False) as img:
-        return describe(img)
+    bar = _scan_bar(quiet)
+    try:
+        with open_image(path, reads=False, progress=bar.scanned) as img:
+            return describe(img)
+    finally:
+        bar.done()
 
 
 def cmd_info(args) -> int:
@@ -50,7 +61,7 @@ def cmd_info(args) -> int:
         status = EXIT_OK
         for path in args.image:
             try:
-                line = _facts(path)
+                line = _facts(path, args.quiet)
             except RamfsError as e:
                 line = {"path": path, "error": _show(str(e))}
                 status = EXIT_ERROR
@@ -61,7 +72,7 @@ def cmd_info(args) -> int:
         if n and not args.json:
             print()
         try:
-            facts = _facts(path)
+            facts = _facts(path, args.quiet)
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
@@ -112,7 +123,7 @@ def _print_info(facts: dict) -> None:
 def cmd_ls(args) -> int:
     """The RAM blocks, one line each like ``ls -l``: size, the bytes that hold data (the
     rest reads as zeros), and the block's idstr (``ram/`` of a mount shows them as files)."""
-    facts = _facts(args.image)
+    facts = _facts(args.image, args.quiet)
     rows = []
     for b in facts["blocks"]:
         size, used = b["used_length"], b["populated_bytes"]
@@ -232,7 +243,12 @@ def _write_phys_view(args, as_core: bool) -> int:
     from ramfs.image.phys import PhysView, phys_map
 
     below = _parse_size(args.below_4g) if args.below_4g else None
-    with open_image(args.image, direct_io=args.direct_io) as img:
+    bar = _scan_bar(args.quiet)
+    try:
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned)
+    finally:
+        bar.done()
+    with img:
         view = PhysView(img, phys_map(img, below))
         if not view.map.ranges:
             raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
@@ -293,7 +309,7 @@ def cmd_mount(args) -> int:
                  direct_io=args.direct_io or bool(own.get("direct_io")),
                  log_file=own.get("log") or args.log, jobs=jobs,
                  below_4g=_parse_size(below) if below else None, systemd=args.systemd,
-                 user=own.get("user") or args.user)
+                 user=own.get("user") or args.user, quiet=args.quiet)
 
 
 def cmd_completion(args) -> int:
@@ -335,6 +351,7 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--user", metavar="USER",
                    help="as root: mount and open the images there are now, then drop to USER before "
                    "reading any of them (-o run_as=USER in fstab); images added later are opened as USER")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the image is indexed")
     s.add_argument("--systemd", action="store_true",
                    help="run under systemd (Type=notify): stay in the foreground, send READY=1 once "
                    "mounted and STOPPING=1 on unmount, log to the journal (docs/ramfs@.service)")
@@ -372,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md, "
                      "schema docs/info.schema.json), one document per image")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     out.add_argument("--jsonl", action="store_true", help="one compact JSON object per line and image; an "
                      "image that cannot be read gives {\"path\": ..., \"error\": ...}")
     s.set_defaults(func=cmd_info)
@@ -381,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("image")
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("check", help="validate a save image's structure",
                        description="Validate a save image; list each problem and exit 1 if any.",

@@ -35,7 +35,14 @@ class Progress:
         self.stream.write("\r" + line)
         self.stream.flush()
 
+    def scanned(self, done: int, total: int | None = None) -> None:
+        """``progress(done, total)`` callbacks (open_image): the total may come late."""
+        if total:
+            self.total = total
+        self(done)
+
     def done(self) -> None:
-        if self.enabled:
+        if self.enabled and self._last:
             self.stream.write("\n")
+            self._last = 0.0
             self.stream.flush()

@@ -73,3 +73,27 @@ def test_ls_lists_every_block_with_its_populated_bytes():
     assert got == want
     human = ramfs("ls", str(path)).stdout
     assert "MiB" in human and "pc.ram" in human
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path):
+    """Opening a sequential image builds its index: on a terminal ramfs shows a bar with the
+    rate and an ETA; piped or with --quiet it prints nothing but the answer."""
+    import os
+    import shlex
+    seq = next(fixture_path(e["decompressed_path"]) for e in MANIFEST
+               if e["kind"] == "image" and e["qemu_encoding"] == "sequential")
+    env = dict(os.environ, RAMFS_CACHE_DIR=str(tmp_path / "cache"))  # no cached index: a real scan
+
+    def on_tty(*args):
+        cmd = shlex.join([sys.executable, "-m", "ramfs.cli", *args])
+        return subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                              timeout=120, env=env).stdout
+
+    shown = on_tty("ls", str(seq))
+    assert "scanning [" in shown and "MB/s" in shown and "ETA" in shown and "pc.ram" in shown
+    env["RAMFS_CACHE_DIR"] = str(tmp_path / "cache2")
+    assert "scanning" not in on_tty("ls", "-q", str(seq))
+    env["RAMFS_CACHE_DIR"] = str(tmp_path / "cache3")
+    piped = subprocess.run([sys.executable, "-m", "ramfs.cli", "ls", str(seq)], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert "scanning" not in piped.stdout + piped.stderr

@@ -58,7 +58,8 @@ def _is_mountpoint(path: str) -> bool:
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
-          below_4g: int | None = None, systemd: bool = False, user: str | None = None) -> int:
+          below_4g: int | None = None, systemd: bool = False, user: str | None = None,
+          quiet: bool = False) -> int:
     import pyfuse3
     import trio
 
@@ -87,8 +88,16 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     def fill() -> None:
         if directory:
             tree.mount_directory(source, convert_jobs=jobs)
-        else:
+            return
+        from ramfs.progress import Progress
+        # Before the mount exists, on the terminal of `ramfs mount` if there is one.
+        bar = Progress(None, "indexing", enabled=None if sys.stderr.isatty() and not quiet else False)
+        tree.progress = bar.scanned
+        try:
             tree.mount_image(source)
+        finally:
+            bar.done()
+            tree.progress = None
 
     if account is None:
         if os.geteuid() == 0:

@@ -96,6 +96,7 @@ class Tree:
         self.direct_io = direct_io
         self.cache = cache
         self.preopened: dict[str, int] = {}  # realpath -> descriptor opened before --user
+        self.progress = None  # progress(done, total) while an image is first opened
         self.below_4g = below_4g
         self.images: list[Image] = []
         self.root: DirNode | None = None
@@ -139,7 +140,7 @@ class Tree:
         # An image opened before privileges were dropped (--user) is used once; reopening it
         # later (it changed) happens as the unprivileged user.
         fd = self.preopened.pop(os.path.realpath(path), None)
-        return open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd)
+        return open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd, progress=self.progress)
 
     def mount_image(self, path: str) -> None:
         img = self._open(path)

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ramfs import __version__
 from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError,
@@ -375,13 +375,15 @@ def _int(v) -> int:
 
 def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = None, use_cache: bool = True,
                reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
-               fd: int | None = None) -> Image:
+               fd: int | None = None, progress: Callable[[int, int], None] | None = None) -> Image:
     """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
 
     ``reads=False`` describes a compressed image by streaming it, without spooling a
     decompressed copy. ``use_cache=False`` never reads or writes the cache. ``direct_io``
     reads the image with O_DIRECT (the decompression cache of formats 1-5 is still buffered).
     ``fd``: the image already opened (by a more privileged process), taken over and closed.
+    ``progress(done, total)``: bytes of the file scanned so far, while an index is built or a
+    compressed image is decompressed into the cache (for a progress bar).
     """
     path = os.fspath(path)
     if direct_io:
@@ -391,13 +393,13 @@ def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
     else:
         src = FileSource(path, fd)
     try:
-        return _open(path, src, Path(cache_dir(cache)), use_cache, reads, allow_partial)
+        return _open(path, src, Path(cache_dir(cache)), use_cache, reads, allow_partial, progress)
     except BaseException:
         src.close()
         raise
 
 
-def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
+def _open(path, src, cdir, use_cache, reads, allow_partial, progress=None) -> Image:
     head = src.read_at(0, max(LIBVIRT_HEADER_SIZE, 16))
     warnings: list[str] = []
     meta = None
@@ -409,7 +411,7 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
         base = meta.header.stream_offset
         fmt = meta.header.effective_format
         if fmt.compressed:
-            return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings)
+            return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress)
     elif not is_qemu_magic(head):
         if len(head) < 4:
             raise NotAnImageError(f"{path}: not a save image (file is {len(head)} bytes long)")
@@ -434,7 +436,8 @@ def _open(path, src, cdir, use_cache, reads, allow_partial) -> Image:
             index = layout = None
     if layout is None:
         holder: list[PageIndex] = []
-        layout = _parse_with_index(src, base, holder)
+        scan = _Counting(src, lambda pos: progress(pos, src.size)) if progress else src
+        layout = _parse_with_index(scan, base, holder)
         index = None if layout.mapped_ram else holder[0]
         if index is not None and use_cache:
             _save_index(index, idx_path, layout, warnings)
@@ -453,6 +456,34 @@ def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings:
     elif layout.mapped_ram and not sparse:
         warnings.append(f"libvirt header says {meta.header.effective_format.label} but the stream is "
                         f"mapped-ram: libvirt could not restore it")
+
+
+def _raw_reader(path: str, src):
+    """A buffered file object on the image for a decompressor. By path when we may open it
+    (an O_DIRECT descriptor shares its flags with every dup); else through our descriptor
+    (mount --user: the path may be root's), without O_DIRECT."""
+    try:
+        return open(path, "rb")
+    except OSError:
+        fd = os.dup(src.fd)
+        if hasattr(os, "O_DIRECT"):
+            import fcntl
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        return os.fdopen(fd, "rb")
+
+
+class _Counting:
+    """A source that reports how far a forward scan has read."""
+
+    def __init__(self, src, report: Callable[[int], None]):
+        self._src = src
+        self._report = report
+        self.size = src.size
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        data = self._src.read_at(offset, size)
+        self._report(offset + len(data))
+        return data
 
 
 def _exists(p: Path) -> bool:
@@ -499,7 +530,7 @@ def _make_blocks(src, layout: StreamLayout, index: PageIndex | None, warnings: l
     return blocks
 
 
-def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image:
+def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress=None) -> Image:
     fmt = meta.header.effective_format
     key = image_key(path, src.stat)
     idx_path = cdir / "index" / f"{key}.idx"
@@ -527,8 +558,16 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings) -> Image
             raise CacheError(f"cannot create the decompression cache {tmp}: {e.strerror}") from None
         spool = SparseSpool(fd)
     try:
-        with Decompressor(path, meta.header.stream_offset, fmt) as dec:
-            stream = ForwardSource(dec.read, tee=spool.write_at if spool else None)
+        raw = _raw_reader(path, src)
+        raw.seek(meta.header.stream_offset)
+        with Decompressor(path, meta.header.stream_offset, fmt, fileobj=raw) as dec:
+            read = dec.read
+            if progress:
+                def read(n, _read=dec.read, _raw=raw, _total=src.size):
+                    data = _read(n)
+                    progress(_raw.tell(), _total)
+                    return data
+            stream = ForwardSource(read, tee=spool.write_at if spool else None)
             conf = parse_configuration(stream, 0)
             if conf is not None and CAP_MAPPED_RAM in conf.capabilities:
                 # Its offsets are absolute file offsets; QEMU needs a seekable file to write it.
