@@ -5,6 +5,8 @@ set -euo pipefail
 
 want_qemu=${WANT_QEMU:-1}
 pkgs=(fuse3 libfuse3-dev pkg-config lzop zstd xz-utils bzip2 gzip gcc)
+# The tests also install ramfs the way users do (pipx) and render its man page (groff).
+if [ "$want_qemu" = 1 ]; then pkgs+=(pipx groff-base); fi
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

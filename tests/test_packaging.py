@@ -1,0 +1,46 @@
+"""pip install of a built wheel gives working commands (the README's way for users)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from conftest import REPO
+
+
+def test_wheel_installs_working_commands_and_the_man_page(tmp_path):
+    dist = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                        "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    wheel = next(dist.glob("ramfs-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith("data/data/share/man/man1/ramfs.1") for n in names), names
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = venv / "bin" / "pip"
+    r = subprocess.run([str(pip), "install", "-q", "--disable-pip-version-check", str(wheel)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    version = subprocess.run([str(venv / "bin" / "ramfs"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "pyfuse3" in version.stdout and "libfuse 3." in version.stdout
+    helped = subprocess.run([str(venv / "bin" / "ramfs-mount"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: ramfs mount" in helped.stdout
+    assert (venv / "share" / "man" / "man1" / "ramfs.1").read_text().startswith(".TH RAMFS 1")
+
+
+def test_pipx_install_gives_ramfs(tmp_path):
+    import os
+    import shutil
+    # A clean copy of the tree: pipx builds from it as a user's checkout would be.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__",
+                                                             ".pytest_cache"))
+    env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    r = subprocess.run(["pipx", "install", str(src)], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = subprocess.run([str(tmp_path / "bin" / "ramfs"), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ramfs ") and "libfuse 3." in out.stdout
+    assert (tmp_path / "bin" / "ramfs-mount").exists()
