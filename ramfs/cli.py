@@ -260,6 +260,86 @@ def _write_phys_view(args, as_core: bool) -> int:
     return EXIT_OK
 
 
+# libvirt's compressors (virQEMUSaveDataFormat): the program it pipes the stream through.
+EXPORT_FORMATS = {"raw": None, "gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "lzop": "lzop", "zstd": "zstd"}
+
+
+def cmd_export(args) -> int:
+    """The image as a classic sequential save image, optionally compressed like libvirt."""
+    import shutil
+    import subprocess
+
+    from ramfs import tempfiles
+    from ramfs.convert.export import SequentialExport
+    from ramfs.format import encode
+    from ramfs.format.libvirt import SaveFormat
+    from ramfs.image import open_image
+    from ramfs.progress import Progress
+
+    out = args.out
+    if os.path.lexists(out):
+        raise RamfsError(f"{out} already exists")
+    fmt = SaveFormat[args.format.upper()]
+    program = EXPORT_FORMATS[args.format]
+    if program is not None and shutil.which(program) is None:
+        raise RamfsError(f"--format {args.format} needs the {program} program")
+    bar = _scan_bar(args.quiet)
+    try:
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned)
+    finally:
+        bar.done()
+    with img:
+        if program is not None and img.libvirt is None:
+            raise RamfsError(f"--format {args.format}: only a libvirt image can say it is compressed "
+                             "(its header has the format code); this is a bare QEMU stream")
+        ex = SequentialExport(img)
+        prefix = img.libvirt.header.stream_offset if img.libvirt is not None else 0
+        bar = Progress(ex.size, "exporting", enabled=False if args.quiet else None)
+        tmp = f"{out}.ramfs-{os.getpid()}.tmp"
+        tempfiles.register(tmp)
+        chunk = 4 << 20
+        try:
+            with open(tmp, "xb") as f:
+                if prefix:
+                    head = ex.read(0, prefix)
+                    if program is not None:
+                        h = img.libvirt.header
+                        head = encode.libvirt_header(h, head, format=fmt, complete=True) + head[92:]
+                    f.write(head)
+                    f.flush()
+                if program is None:
+                    for off in range(prefix, ex.size, chunk):
+                        f.write(ex.read(off, chunk))
+                        bar(off + chunk)
+                else:
+                    # As libvirt does: the header and XML as they are, the stream piped through
+                    # the compressor (`gzip -c` ...) into the same file after them.
+                    proc = subprocess.Popen([program, "-c"], stdin=subprocess.PIPE, stdout=f)
+                    try:
+                        for off in range(prefix, ex.size, chunk):
+                            proc.stdin.write(ex.read(off, chunk))
+                            bar(min(off + chunk, ex.size))
+                        proc.stdin.close()
+                    except BrokenPipeError:
+                        pass
+                    if proc.wait() != 0:
+                        raise RamfsError(f"{program} failed (exit status {proc.returncode})")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, out)
+        except OSError as e:
+            raise RamfsError(f"cannot write {out}: {e.strerror}") from None
+        finally:
+            bar.done()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            tempfiles.unregister(tmp)
+    if not args.quiet:
+        print(f"{out}: sequential, {ex.pages} pages, {os.path.getsize(out)} bytes"
+              + (f", {args.format} (libvirt format {int(fmt)})" if program else ""))
+    return EXIT_OK
+
+
 def cmd_phys(args) -> int:
     return _write_phys_view(args, as_core=False)
 
@@ -423,6 +503,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write page data with O_DIRECT, keeping it out of the page cache")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     s.set_defaults(func=cmd_convert)
+    s = sub.add_parser("export", help="write the image as a classic sequential save image",
+                       description="Write IMAGE (any encoding ramfs reads) as a classic sequential save "
+                       "image that QEMU < 9.0 and libvirt < 11.2 restore: libvirt header format 0 (or "
+                       "the --format compression, as libvirt writes it), no mapped-ram capability. "
+                       "The same bytes as export/sequential.img of a mount. OUT must not exist.",
+                       epilog="examples:\n  ramfs export vm-sparse.save vm-classic.save\n"
+                       "  ramfs export --format zstd vm-sparse.save vm.save.zst && virsh restore vm.save.zst",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("image")
+    s.add_argument("out")
+    s.add_argument("--format", choices=list(EXPORT_FORMATS), default="raw",
+                   help="compress the stream like libvirt (needs a libvirt image; default raw)")
+    s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    s.set_defaults(func=cmd_export)
     for name, fn, what in (("phys", cmd_phys, "guest-physical memory (sparse; offset = address)"),
                            ("core", cmd_core, "an ELF core like QEMU's dump-guest-memory")):
         s = sub.add_parser(name, help=f"write {what}", description=f"Write {what} of IMAGE to OUT "

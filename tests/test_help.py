@@ -12,7 +12,7 @@ from conftest import REPO
 from ramfs.cli import build_parser
 from ramfs.manpage import render
 
-COMMANDS = ["info", "ls", "check", "convert", "phys", "core", "mount", "umount", "completion", "manpage"]
+COMMANDS = ["info", "ls", "check", "convert", "export", "phys", "core", "mount", "umount", "completion", "manpage"]
 
 
 def ramfs(*args: str) -> subprocess.CompletedProcess:

@@ -171,6 +171,7 @@ class Tree:
             self.file(leaf_maps, name, mtime, data=text)
         self._fill_cpus(d, img, mtime)
         self._fill_phys(d, img, maps, mtime)
+        self._fill_export(d, img, mtime)
         facts = json.dumps(describe(img, below_4g=self.below_4g), indent=2).encode() + b"\n"
         self.file(d, b"image.json", mtime, data=facts)
         if img.layout.vmdesc is not None:
@@ -204,6 +205,20 @@ class Tree:
             return
         self.file(phys, b"core.elf", mtime, size=core.size, blocks=(core.size + 511) // 512,
                   reader=core.read, stream=True)
+
+    def _fill_export(self, d: DirNode, img: Image, mtime: int) -> None:
+        """export/sequential.img: the image as a classic sequential save image (for QEMU < 9.0
+        and libvirt < 11.2), produced on read; its size is exact before the first read."""
+        from ramfs.convert.export import SequentialExport
+        if img.data is None:
+            return
+        try:
+            export = SequentialExport(img)
+        except RamfsError as e:
+            log.warning("%s: no export/: %s", img.path, e)
+            return
+        self.file(self.mkdir(d, b"export", mtime), b"sequential.img", mtime, size=export.size,
+                  blocks=(export.size + 511) // 512, reader=export.read, stream=True)
 
     def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
         """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""

@@ -1,0 +1,233 @@
+"""Any image as a classic sequential save image, produced lazily, readable at any offset.
+
+The way back from mapped-ram: QEMU before 9.0 and libvirt before 11.2 restore only the
+sequential stream. :class:`SequentialExport` lays one out without writing anything:
+
+* for a libvirt image, its header (format 0 = raw, version 2) and data area (XML, cookie) as
+  they are;
+* ``QEVM``, the configuration without the ``mapped-ram`` capability, the RAM START section
+  with the plain block list (``qemu_savevm_state_setup``/``ram_save_setup`` without
+  mapped-ram);
+* one PART section holding a PAGE record for every populated page, block by block: the first
+  record of a block names it, the others say CONTINUE (``save_page_header``), then EOS;
+* the SWITCHOVER_START command if the source had one, the END section (EOS);
+* the device state and QEMU_VM_EOF as the source has them, and the VM description with the
+  capability taken out of its ``configuration`` object.
+
+Pages that read as zeros are not sent: a restore starts from zeroed RAM, exactly as a
+mapped-ram restore leaves clear-bit pages alone. Every record of a block after its first has
+the same size, so an offset maps to a page by arithmetic (a rank over the block's populated
+runs), and no read needs anything before it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import struct
+from array import array
+from dataclasses import dataclass
+
+from ramfs.errors import UnsupportedError
+from ramfs.format import encode
+from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, SaveFormat
+from ramfs.format.qemu import (CAP_MAPPED_RAM, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE,
+                               SUBSECTION_CAPABILITIES, MigCmd, SectionType)
+from ramfs.image.model import Image, RamBlock
+
+_BE64 = struct.Struct(">Q")
+
+
+@dataclass
+class _Bytes:
+    start: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+
+@dataclass
+class _Stream:
+    """Bytes copied from the image's stream (device state)."""
+    start: int
+    length: int
+    offset: int  # in image.data
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class _Records:
+    """The PAGE records of one block's populated pages."""
+
+    def __init__(self, start: int, block: RamBlock, ps: int):
+        self.start = start
+        self.block = block
+        self.ps = ps
+        self.name = encode.block_record(block.idstr, 0)[:-8]  # u8 length + idstr
+        starts, cum = array("q"), array("q")
+        n = 0
+        for a, b in block.populated_ranges():
+            starts.append(a // ps)
+            cum.append(n)
+            n += (b - a) // ps
+        self.starts, self.cum, self.count = starts, cum, n
+        self.first = 8 + len(self.name) + ps  # the record that names the block
+        self.rec = 8 + ps
+        self.end = start + (self.first + (n - 1) * self.rec if n else 0)
+
+    def page(self, k: int) -> int:
+        j = bisect.bisect_right(self.cum, k) - 1
+        return self.starts[j] + (k - self.cum[j])
+
+    def record_start(self, k: int) -> int:
+        return self.start + (0 if k == 0 else self.first + (k - 1) * self.rec)
+
+    def header(self, k: int) -> bytes:
+        addr = self.page(k) * self.ps
+        if k == 0:
+            return _BE64.pack(addr | RAM_SAVE_FLAG_PAGE) + self.name
+        return _BE64.pack(addr | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+
+    def index_at(self, pos: int) -> int:
+        """The record holding export offset ``pos``."""
+        return 0 if pos < self.start + self.first else 1 + (pos - self.start - self.first) // self.rec
+
+    def read(self, image: Image, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of this segment (absolute export offsets)."""
+        end = min(offset + size, self.end)
+        out = bytearray()
+        if offset >= end:
+            return bytes(out)
+        k, k_end = self.index_at(offset), self.index_at(end - 1) + 1
+        ps = self.ps
+        while k < k_end:
+            # Records of one run are consecutive pages: one image read for their payloads.
+            j = bisect.bisect_right(self.cum, k) - 1
+            run_stop = self.cum[j + 1] if j + 1 < len(self.cum) else self.count
+            m = min(run_stop, k_end) - k
+            payload = image.read(self.block, (self.starts[j] + k - self.cum[j]) * ps, m * ps)
+            for i in range(m):
+                r0 = self.record_start(k + i)
+                rec = self.header(k + i) + payload[i * ps:(i + 1) * ps]
+                out += rec[max(offset, r0) - r0:min(end, r0 + len(rec)) - r0]
+            k += m
+        return bytes(out)
+
+
+class SequentialExport:
+    """The bytes of ``image`` as a sequential save image (see the module docstring)."""
+
+    def __init__(self, image: Image):
+        lay = image.layout
+        if lay.configuration is None:
+            raise UnsupportedError("the stream has no configuration section: cannot say which "
+                                   "capabilities the export drops")
+        if lay.device_offset is None or lay.eof_offset is None:
+            raise UnsupportedError("the image's device state could not be delimited")
+        self.image = image
+        ps = lay.page_size
+        segs: list = []
+        pos = 0
+
+        def add_bytes(data: bytes) -> None:
+            nonlocal pos
+            if data:
+                segs.append(_Bytes(pos, data))
+                pos += len(data)
+
+        meta = image.libvirt
+        if meta is not None:
+            h = meta.header
+            raw = image.source.read_at(0, h.stream_offset)
+            add_bytes(encode.libvirt_header(h, raw, format=SaveFormat.RAW, complete=True) + raw[LIBVIRT_HEADER_SIZE:])
+        conf = lay.configuration
+        caps = tuple(c for c in conf.capabilities if c != CAP_MAPPED_RAM)
+        sid = lay.ram_section_id
+        foot = encode.footer(sid) if lay.footers else b""
+        head = bytearray(encode.file_header() + encode.configuration(conf, caps))
+        head += encode.section_start(sid) + encode.mem_size(lay.mem_size_total)
+        for rec in lay.blocks:
+            head += encode.block_record(rec.idstr, rec.used_length)
+            if rec.postcopy_page_size is not None:
+                head += _BE64.pack(rec.postcopy_page_size)
+            if rec.ignore_shared_addr is not None:
+                head += _BE64.pack(rec.ignore_shared_addr)
+        head += encode.eos() + foot + encode.section_part_end(SectionType.SECTION_PART, sid)
+        add_bytes(bytes(head))
+        self.records: list[_Records] = []
+        for blk in image.blocks:
+            r = _Records(pos, blk, ps)
+            if r.count:
+                segs.append(r)
+                self.records.append(r)
+                pos = r.end
+        tail = bytearray(encode.eos() + foot)
+        if lay.switchover_start:
+            tail += encode.command(MigCmd.SWITCHOVER_START)
+        tail += encode.section_part_end(SectionType.SECTION_END, sid) + encode.eos() + foot
+        add_bytes(bytes(tail))
+        dev_end = lay.eof_offset + 1
+        segs.append(_Stream(pos, dev_end - lay.device_offset, lay.device_offset))
+        pos += dev_end - lay.device_offset
+        if lay.vmdesc is not None:
+            vmdesc = lay.vmdesc if CAP_MAPPED_RAM not in conf.capabilities else vmdesc_without(lay.vmdesc, caps)
+            add_bytes(encode.vmdesc_section(vmdesc))
+        self.segments = segs
+        self._starts = [s.start for s in segs]
+        self.size = pos
+
+    @property
+    def pages(self) -> int:
+        return sum(r.count for r in self.records)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self.size)
+        out = bytearray()
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        pos = offset
+        while pos < end and i < len(self.segments):
+            s = self.segments[i]
+            stop = min(end, s.end)
+            if pos < stop:
+                if isinstance(s, _Bytes):
+                    out += s.data[pos - s.start:stop - s.start]
+                elif isinstance(s, _Stream):
+                    out += self.image.data.read_at(s.offset + pos - s.start, stop - pos)
+                else:
+                    out += s.read(self.image, pos, stop - pos)
+                pos = stop
+            i += 1
+        return bytes(out)
+
+
+def vmdesc_without(vmdesc: bytes, caps: tuple[str, ...]) -> bytes:
+    """The VM description with the configuration's capabilities subsection describing
+    ``caps`` (the mapped-ram capability gone), or without it when none remain; re-serialised
+    the way QEMU's JSON writer separates items (``", "``, ``": "``)."""
+    try:
+        desc = json.loads(vmdesc)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return vmdesc  # QEMU ignores its content; a broken one is carried over as it is
+    conf = desc.get("configuration") if isinstance(desc, dict) else None
+    if not isinstance(conf, dict) or not isinstance(conf.get("subsections"), list):
+        return vmdesc
+    subs = []
+    for sub in conf["subsections"]:
+        if isinstance(sub, dict) and sub.get("vmsd_name") == SUBSECTION_CAPABILITIES:
+            if not caps:
+                continue
+            sub = dict(sub, fields=[{"name": "caps_count", "type": "uint32", "size": 4},
+                                    {"name": "capabilities", "type": "capability",
+                                     "size": sum(1 + len(c.encode()) for c in caps)}])
+        subs.append(sub)
+    if subs:
+        conf["subsections"] = subs
+    else:
+        del conf["subsections"]
+    return json.dumps(desc, separators=(", ", ": ")).encode()
