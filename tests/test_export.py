@@ -83,23 +83,45 @@ def test_export_through_the_mount_equals_the_library(tmp_path):
         assert back.encoding == "sequential"
 
 
+def _export(src: Path, out: Path, way: str, tmp_path: Path) -> None:
+    if way == "cli":
+        r = _cli("export", "-q", str(src), str(out))
+        assert r.returncode == 0, r.stderr
+    else:  # plain cp out of a mount
+        mp = tmp_path / "mp"
+        with mounted(src, mp):
+            shutil.copyfile(mp / "export" / "sequential.img", out)
+
+
 @pytest.mark.qemu
+@pytest.mark.parametrize("way", ["mount-cp", "cli"])
 @pytest.mark.parametrize("name", MAPPED)
-def test_exported_mapped_ram_fixture_restores_without_mapped_ram(name, tmp_path):
+def test_exported_mapped_ram_fixture_restores_without_mapped_ram(name, way, tmp_path):
     """QEMU 10, -incoming defer, no mapped-ram capability, migrate-incoming file:PATH,offset=N:
     guest memory equals the fixture's ground truth byte for byte."""
     e = entry(name)
     out = tmp_path / "export.img"
-    with open_image(fixture_path(name)) as img:
-        ex = SequentialExport(img)
-        with open(out, "wb") as f:
-            for off in range(0, ex.size, 4 * MIB):
-                f.write(ex.read(off, 4 * MIB))
+    _export(fixture_path(name), out, way, tmp_path)
     dump = tmp_path / "dump.bin"
     qemu_images.restore_and_dump(out, MACHINE[e["machine"]], capabilities=(), offset=stream_offset(out),
                                  out_path=dump)
     difference = first_difference(dump, fixture_path(e["ground_truth"]))
     assert difference is None, f"QEMU restored the export of {name} with different RAM: {difference}"
+
+
+@pytest.mark.qemu
+@pytest.mark.shared
+@pytest.mark.skipif(__import__("fixture_data").shared_fixtures_dir() is None, reason="../shared/fixtures not present")
+def test_exported_linux_guest_restores_without_mapped_ram(tmp_path):
+    """libvirt's own sparse save of the Linux guest, exported through the mount."""
+    from fixture_data import shared_fixture_path
+    out = tmp_path / "linux-export.img"
+    _export(shared_fixture_path("linux/linux-q35-sparse.img"), out, "mount-cp", tmp_path)
+    dump = tmp_path / "linux.bin"
+    qemu_images.restore_and_dump(out, qemu_images.LINUX_Q35_LIBVIRT, capabilities=(), offset=stream_offset(out),
+                                 out_path=dump)
+    difference = first_difference(dump, shared_fixture_path("linux/linux-q35-pmemsave.bin"))
+    assert difference is None, f"QEMU restored the Linux export with different RAM: {difference}"
 
 
 def _cli(*args):
