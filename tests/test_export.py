@@ -173,7 +173,7 @@ def test_round_trip_sequential_convert_dir_export_restores(tmp_path):
     backing.mkdir()
     mp = tmp_path / "mp"
     with mounted(backing, mp):
-        shutil.copyfile(fixture_path(name), mp / "convert" / "vm.save")
+        shutil.copy(fixture_path(name), mp / "convert" / "vm.save")  # copies, then chmods the result
         with open_image(backing / "vm.save") as conv:
             assert conv.encoding == "mapped-ram"
         shutil.copy(mp / "vm.save" / "export" / "sequential.img", tmp_path / "back.img")

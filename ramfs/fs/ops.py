@@ -354,6 +354,11 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         conv = getattr(node, "conversion", None)
         if conv is None:
+            cd = self.tree.convert_dir
+            if cd is not None and cd.children.get(node.name) is node and not fields.update_size:
+                # A finished conversion: copy tools set mode and times after closing the file
+                # (shutil.copy, cp -a, rsync); they are not kept, as while it was written.
+                return self._attrs(node)
             raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size:
             try:
