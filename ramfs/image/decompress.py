@@ -9,6 +9,7 @@ and xz, the ``zstandard`` module for zstd, and the ``lzop`` program for lzop, as
 from __future__ import annotations
 
 import bz2
+import errno
 import lzma
 import os
 import shutil
@@ -154,6 +155,7 @@ class _GzipMembers:
                 if self._d.eof or not self._started:
                     data = data.lstrip(b"\0") if self._started else data
                     if not data:
+                        self._skip_hole()
                         continue
                     self._d = zlib.decompressobj(31)
                     self._started = True
@@ -164,6 +166,23 @@ class _GzipMembers:
             if out:
                 return out
         return b""
+
+    def _skip_hole(self) -> None:
+        """Between or after members, zero padding that is a hole of a sparse file is jumped
+        over (SEEK_DATA) instead of read: a terabyte hole would take minutes."""
+        try:
+            fd = self._raw.fileno()
+            pos = self._raw.tell()
+        except (AttributeError, OSError, ValueError):
+            return  # a pipe: nothing to skip
+        try:
+            nxt = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left: the end
+                self._raw.seek(0, os.SEEK_END)
+            return
+        if nxt > pos:
+            self._raw.seek(nxt)
 
     def close(self) -> None:
         self._raw.close()
