@@ -17,7 +17,8 @@ from ramfs.errors import RamfsError
 from ramfs.image.phys import PhysView
 
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
-ET_CORE, EM_X86_64 = 4, 62
+ET_CORE, EM_386, EM_X86_64 = 4, 3, 62
+EFER_LMA = 1 << 10  # long mode active: QEMU's dump picks the x86_64 or the i386 layout by it
 PT_LOAD, PT_NOTE = 1, 4
 NT_PRSTATUS = 1
 QEMU_NOTE_TYPE = 0  # arch_dump.c: cpu_write_qemu_note, name "QEMU"
@@ -61,6 +62,23 @@ def prstatus(cpu: Cpu, index: int) -> bytes:
     return bytes(32) + struct.pack("<I", index + 1) + bytes(76) + regs + bytes(8)
 
 
+def prstatus_i386(cpu: Cpu, index: int) -> bytes:
+    """arch_dump.c x86_fill_elf_prstatus: the i386 ``elf_prstatus`` QEMU writes (in an ELF64
+    note) when the first vCPU is not in long mode: 32-bit registers, 16-bit selectors."""
+    r = cpu.regs
+    sel = {s: cpu.segments.get(s, (0, 0, 0, 0))[0] & 0xFFFF for s in ("cs", "ss", "ds", "es", "fs", "gs")}
+    g = lambda k: r.get(k, 0) & 0xFFFFFFFF  # noqa: E731
+    regs = struct.pack("<7I8H2I2H2I2H", g("rbx"), g("rcx"), g("rdx"), g("rsi"), g("rdi"), g("rbp"), g("rax"),
+                       sel["ds"], 0, sel["es"], 0, sel["fs"], 0, sel["gs"], 0, 0, g("rip"), sel["cs"], 0,
+                       g("rflags"), g("rsp"), sel["ss"], 0)
+    return bytes(24) + struct.pack("<I", index + 1) + bytes(44) + regs + bytes(4)
+
+
+def long_mode(cpus: list[Cpu]) -> bool:
+    """dump.c decides by the first vCPU."""
+    return bool(cpus and cpus[0].regs.get("efer", 0) & EFER_LMA)
+
+
 def qemu_cpu_state(cpu: Cpu) -> bytes:
     body = struct.pack("<18Q", *(cpu.regs.get(k, 0) & 0xFFFFFFFFFFFFFFFF for k in QEMU_GPRS))
     for seg in QEMU_SEGMENTS:
@@ -79,13 +97,16 @@ class ElfCore:
         segments = list(view.populated_ranges())
         if len(segments) + 1 > MAX_PHDRS:
             raise RamfsError(f"{len(segments)} populated ranges: too many for an ELF program header table")
-        notes = b"".join(_note(b"CORE", NT_PRSTATUS, prstatus(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))
+        lma = long_mode(cpus)
+        status = prstatus if lma else prstatus_i386
+        notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))
                          for i, c in enumerate(cpus))
         phnum = 1 + len(segments)
         notes_off = EHDR.size + phnum * PHDR.size
         data_off = notes_off + len(notes)
         ehdr = EHDR.pack(b"\x7fELF" + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT]) + bytes(9),
-                         ET_CORE, EM_X86_64, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size, PHDR.size, phnum,
+                         ET_CORE, EM_X86_64 if lma else EM_386, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size,
+                         PHDR.size, phnum,
                          0, 0, 0)
         phdrs = [PHDR.pack(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes), 0)]
         self._file_starts: list[int] = []
@@ -142,7 +163,7 @@ def cpus_of(image) -> list[Cpu]:
 def cpu_from_state(s) -> Cpu:
     regs = {k: v for k, v in (s.regs or {}).items() if v is not None}
     for name, attr in (("rip", "rip"), ("rflags", "rflags"), ("cr0", "cr0"), ("cr2", "cr2"),
-                       ("cr3", "cr3"), ("cr4", "cr4"), ("kernel_gs_base", "kernelgsbase")):
+                       ("cr3", "cr3"), ("cr4", "cr4"), ("kernel_gs_base", "kernelgsbase"), ("efer", "efer")):
         v = getattr(s, attr, None)
         if v is not None:
             regs[name] = v
