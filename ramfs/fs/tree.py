@@ -166,7 +166,8 @@ class Tree:
             self.file(leaf_ram, name, mtime, size=blk.used_length,
                       blocks=blk.populated_pages * blk.page_size // 512,
                       reader=_block_reader(img, blk), has_data=blk.has_data, stream=True,
-                      cached_reader=_block_reader(img, blk, nowait=True))
+                      # O_DIRECT never serves from the page cache: no try on the loop first
+                      cached_reader=None if self.direct_io else _block_reader(img, blk, nowait=True))
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
         self._fill_cpus(d, img, mtime)
