@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -205,26 +206,19 @@ def _parse_size(text: str) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
 
 
-def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
-    """Write a virtual file to ``out`` (new), skipping ranges that read as zeros (holes)."""
+@contextlib.contextmanager
+def _new_file(out: str, bar):
+    """An open file that becomes ``out`` only when complete: written under a temporary name
+    (removed on any failure or signal), fsynced, then linked, so nothing is overwritten."""
     from ramfs import tempfiles
-    from ramfs.progress import Progress
 
     if os.path.lexists(out):
         raise RamfsError(f"{out} already exists")
-    bar = Progress(size, label, enabled=False if quiet else None)
     tmp = f"{out}.ramfs-{os.getpid()}.tmp"
     tempfiles.register(tmp)
-    chunk = 1 << 20
     try:
         with open(tmp, "xb") as f:
-            for off in range(0, size, chunk):
-                n = min(chunk, size - off)
-                if has_data is None or has_data(off, n):
-                    f.seek(off)
-                    f.write(read(off, n))
-                bar(off + n)
-            f.truncate(size)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, out)
@@ -235,6 +229,22 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
         if os.path.exists(tmp):
             os.unlink(tmp)
         tempfiles.unregister(tmp)
+
+
+def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
+    """Write a virtual file to ``out`` (new), skipping ranges that read as zeros (holes)."""
+    from ramfs.progress import Progress
+
+    bar = Progress(size, label, enabled=False if quiet else None)
+    chunk = 1 << 20
+    with _new_file(out, bar) as f:
+        for off in range(0, size, chunk):
+            n = min(chunk, size - off)
+            if has_data is None or has_data(off, n):
+                f.seek(off)
+                f.write(read(off, n))
+            bar(off + n)
+        f.truncate(size)
 
 
 def _write_phys_view(args, as_core: bool) -> int:
@@ -269,7 +279,6 @@ def cmd_export(args) -> int:
     import shutil
     import subprocess
 
-    from ramfs import tempfiles
     from ramfs.convert.export import SequentialExport
     from ramfs.format import encode
     from ramfs.format.libvirt import SaveFormat
@@ -277,7 +286,7 @@ def cmd_export(args) -> int:
     from ramfs.progress import Progress
 
     out = args.out
-    if os.path.lexists(out):
+    if os.path.lexists(out):  # before the (long) open; _new_file checks again
         raise RamfsError(f"{out} already exists")
     fmt = SaveFormat[args.format.upper()]
     program = EXPORT_FORMATS[args.format]
@@ -295,45 +304,32 @@ def cmd_export(args) -> int:
         ex = SequentialExport(img)
         prefix = img.libvirt.header.stream_offset if img.libvirt is not None else 0
         bar = Progress(ex.size, "exporting", enabled=False if args.quiet else None)
-        tmp = f"{out}.ramfs-{os.getpid()}.tmp"
-        tempfiles.register(tmp)
         chunk = 4 << 20
-        try:
-            with open(tmp, "xb") as f:
-                if prefix:
-                    head = ex.read(0, prefix)
-                    if program is not None:
-                        h = img.libvirt.header
-                        head = encode.libvirt_header(h, head, format=fmt, complete=True) + head[92:]
-                    f.write(head)
-                    f.flush()
-                if program is None:
-                    for off in range(prefix, ex.size, chunk):
-                        f.write(ex.read(off, chunk))
-                        bar(off + chunk)
-                else:
-                    # As libvirt does: the header and XML as they are, the stream piped through
-                    # the compressor (`gzip -c` ...) into the same file after them.
-                    proc = subprocess.Popen([program, "-c"], stdin=subprocess.PIPE, stdout=f)
-                    try:
-                        for off in range(prefix, ex.size, chunk):
-                            proc.stdin.write(ex.read(off, chunk))
-                            bar(min(off + chunk, ex.size))
-                        proc.stdin.close()
-                    except BrokenPipeError:
-                        pass
-                    if proc.wait() != 0:
-                        raise RamfsError(f"{program} failed (exit status {proc.returncode})")
+        with _new_file(out, bar) as f:
+            if prefix:
+                head = ex.read(0, prefix)
+                if program is not None:
+                    h = img.libvirt.header
+                    head = encode.libvirt_header(h, head, format=fmt, complete=True) + head[92:]
+                f.write(head)
                 f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, out)
-        except OSError as e:
-            raise RamfsError(f"cannot write {out}: {e.strerror}") from None
-        finally:
-            bar.done()
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            tempfiles.unregister(tmp)
+            if program is None:
+                for off in range(prefix, ex.size, chunk):
+                    f.write(ex.read(off, chunk))
+                    bar(off + chunk)
+            else:
+                # As libvirt does: the header and XML as they are, the stream piped through
+                # the compressor (`gzip -c` ...) into the same file after them.
+                proc = subprocess.Popen([program, "-c"], stdin=subprocess.PIPE, stdout=f)
+                try:
+                    for off in range(prefix, ex.size, chunk):
+                        proc.stdin.write(ex.read(off, chunk))
+                        bar(min(off + chunk, ex.size))
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                if proc.wait() != 0:
+                    raise RamfsError(f"{program} failed (exit status {proc.returncode})")
     if not args.quiet:
         print(f"{out}: sequential, {ex.pages} pages, {os.path.getsize(out)} bytes"
               + (f", {args.format} (libvirt format {int(fmt)})" if program else ""))
