@@ -123,45 +123,12 @@ class IndexedBlock(RamBlock):
         super().__init__(record, page_size, index.populated(record.index))
         self._index = index
 
-    def page_runs(self, first, last):
+    def _data_runs(self, first: int, last: int):
+        """``(start, stop, base, offsets)`` for the runs of populated pages in ``[first,
+        last)``, chunk by chunk: ``offsets[page - base]`` is a page's payload offset."""
         b = self.index
         idx = self._index
         p = first
-        zero_from = None
-        while p < last:
-            no = p >> CHUNK_SHIFT
-            base = no << CHUNK_SHIFT
-            chunk_end = min(last, base + (1 << CHUNK_SHIFT))
-            bits = idx.chunk_bits(b, no)
-            if bits is not None:
-                offsets = idx.chunk(b, no)
-                for a, z in set_runs(bits, p - base, chunk_end - base):
-                    if zero_from is None and base + a > p:
-                        zero_from = p
-                    if zero_from is not None and base + a > zero_from:
-                        yield zero_from, base + a, None
-                    zero_from = None
-                    for q in range(a, z):
-                        yield base + q, base + q + 1, offsets[q]
-                    p = base + z
-            if p < chunk_end and zero_from is None:
-                zero_from = p
-            p = chunk_end
-        if zero_from is not None and zero_from < last:
-            yield zero_from, last, None
-
-    def plan(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
-        """The populated pieces of bytes ``[offset, end)`` as ``(dst, file_offset, length,
-        stride)``: ``stride`` 0 is one contiguous piece; otherwise ``length // page_size``
-        whole pages at ``file_offset + k * stride``. Consecutive records of a sequential
-        stream are such a progression, so a 1 MiB read is a few pieces, not 256."""
-        ps = self.page_size
-        b = self.index
-        idx = self._index
-        out: list[tuple[int, int, int, int]] = []
-        full_end = end // ps  # pages below this end inside the read
-        p = offset // ps
-        last = (end + ps - 1) // ps
         while p < last:
             no = p >> CHUNK_SHIFT
             base = no << CHUNK_SHIFT
@@ -170,27 +137,48 @@ class IndexedBlock(RamBlock):
             if bits is not None:
                 offs = idx.chunk(b, no)
                 for a, z in set_runs(bits, p - base, chunk_end - base):
-                    k = a
-                    while k < z:
-                        pg = base + k
-                        start = pg * ps
-                        m = min(z, full_end - base, k + _IOV_PAGES) - k
-                        if start < offset or m < 2:
-                            lo = max(offset, start)
-                            hi = min(end, start + ps)
-                            out.append((lo - offset, offs[k] + lo - start, hi - lo, 0))
-                            k += 1
-                            continue
-                        o0 = offs[k]
-                        stride = offs[k + 1] - o0
-                        if not ps <= stride <= ps + GATHER_GAP:  # not one record after another
-                            m = 1
-                        else:
-                            while m > 1 and offs[k:k + m] != array("q", range(o0, o0 + m * stride, stride)):
-                                m //= 2
-                        out.append((start - offset, o0, m * ps, stride if m > 1 else 0))
-                        k += m
+                    yield base + a, base + z, base, offs
             p = chunk_end
+
+    def page_runs(self, first, last):
+        pos = first
+        for a, z, base, offs in self._data_runs(first, last):
+            if a > pos:
+                yield pos, a, None
+            for q in range(a, z):
+                yield q, q + 1, offs[q - base]
+            pos = z
+        if pos < last:
+            yield pos, last, None
+
+    def plan(self, offset: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The populated pieces of bytes ``[offset, end)`` as ``(dst, file_offset, length,
+        stride)``: ``stride`` 0 is one contiguous piece; otherwise ``length // page_size``
+        whole pages at ``file_offset + k * stride``. Consecutive records of a sequential
+        stream are such a progression, so a 1 MiB read is a few pieces, not 256."""
+        ps = self.page_size
+        out: list[tuple[int, int, int, int]] = []
+        full_end = end // ps  # pages below this end inside the read
+        for pg, z, base, offs in self._data_runs(offset // ps, (end + ps - 1) // ps):
+            while pg < z:
+                start = pg * ps
+                k = pg - base
+                m = min(z, full_end, pg + _IOV_PAGES) - pg
+                if start < offset or m < 2:
+                    lo = max(offset, start)
+                    hi = min(end, start + ps)
+                    out.append((lo - offset, offs[k] + lo - start, hi - lo, 0))
+                    pg += 1
+                    continue
+                o0 = offs[k]
+                stride = offs[k + 1] - o0
+                if not ps <= stride <= ps + GATHER_GAP:  # not one record after another
+                    m = 1
+                else:
+                    while m > 1 and offs[k:k + m] != array("q", range(o0, o0 + m * stride, stride)):
+                        m //= 2
+                out.append((start - offset, o0, m * ps, stride if m > 1 else 0))
+                pg += m
         return out
 
     def populated_ranges(self):
