@@ -163,11 +163,17 @@ class MappedRamWriter:
                 self._flush()
                 self._send(block, page, None)
             return
-        bm[page >> 3] |= bit
+        self._data(block, page, payload)
+
+    def _data(self, block: int, page: int, payload) -> None:
+        """A page with data: its bit set, its payload joined to the batch (a run of
+        consecutive pages, up to BATCH_BYTES, never across a stripe) or starting a new one."""
+        self.bitmaps[block][page >> 3] |= 1 << (page & 7)
         self.pages_written += 1
-        if (block == self._batch_block and page == self._batch_start + len(self._batch)
-                and len(self._batch) * self.ps < BATCH_BYTES and page % STRIPE_PAGES != 0):
-            self._batch.append(payload)
+        batch = self._batch
+        if (block == self._batch_block and page == self._batch_start + len(batch)
+                and len(batch) * self.ps < BATCH_BYTES and page % STRIPE_PAGES != 0):
+            batch.append(payload)
             return
         self._flush()
         self._batch_block, self._batch_start, self._batch = block, page, [payload]
@@ -189,25 +195,12 @@ class MappedRamWriter:
         ps = self.ps
         zero = self._zero
         view = memoryview(buf)
-        bm = self.bitmaps[block]
-        limit = BATCH_BYTES // ps
-        written = 0
         for n in range(count):
             o = start + n * stride
-            page = first + n
             if buf.startswith(zero, o):
-                self.page(block, page, None)
-                continue
-            bm[page >> 3] |= 1 << (page & 7)
-            written += 1
-            batch = self._batch
-            if (block == self._batch_block and page == self._batch_start + len(batch)
-                    and len(batch) < limit and page % STRIPE_PAGES != 0):
-                batch.append(view[o:o + ps])
+                self.page(block, first + n, None)
             else:
-                self._flush()
-                self._batch_block, self._batch_start, self._batch = block, page, [view[o:o + ps]]
-        self.pages_written += written
+                self._data(block, first + n, view[o:o + ps])
 
     def _flush(self) -> None:
         if self._batch:
