@@ -327,10 +327,14 @@ class Conversion:
     done: threading.Event = field(default_factory=threading.Event)
     published: bool = False
     ended: float | None = None
+    # Set by the file system once the outcome is visible in the tree (the name removed or
+    # turned into the finished image): STATUS must not say "failed" while convert/ still
+    # shows the name, or a script that polls STATUS and then looks races the tree update.
+    settled: bool = False
 
     @property
     def state(self) -> str:
-        if not self.done.is_set():
+        if not self.settled:
             return "converting"
         return "done" if self.published else "failed"
 

@@ -348,6 +348,7 @@ class Operations(pyfuse3.Operations):
             if d.children.get(node.name) is node:
                 del d.children[node.name]
             _invalidate_entry(d.inode, node.name)
+        conv.settled = True
 
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
