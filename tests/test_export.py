@@ -64,6 +64,38 @@ def test_export_reads_anywhere_and_reopens_as_the_same_guest(name, tmp_path):
                 assert back.domain_xml == img.domain_xml
 
 
+@pytest.mark.parametrize("name", ["libvirt/fw-pc-sparse.img", "firmware/q35-sequential.img"])
+def test_export_nowait_reads_come_from_the_page_cache_only(name):
+    """The mount serves export reads on its event loop when the image's bytes are cached
+    (nowait): an evicted image raises WouldBlock instead of waiting for the disk; once
+    cached, the same bytes as a normal read, for records, device state and headers."""
+    import os
+    import tempfile
+
+    from ramfs.image.files import WouldBlock
+    # /var/tmp, not /tmp: tmpfs pages cannot be evicted, and this test evicts them.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        copy = Path(d) / "img"
+        shutil.copyfile(fixture_path(name), copy)
+        with open_image(copy, use_cache=False) as img:
+            ex = SequentialExport(img)
+            records = ex.records[0]
+            mid = (records.start + records.end) // 2
+            fd = os.open(copy, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            with pytest.raises(WouldBlock):
+                ex.read(mid, 65536, nowait=True)
+            whole = ex.read(0, ex.size)  # now all cached
+            rng = random.Random(name)
+            for off in [0, mid, ex.size - 100] + [rng.randrange(ex.size) for _ in range(200)]:
+                n = rng.choice([1, 4104, 131072, MIB])
+                assert ex.read(off, n, nowait=True) == whole[off:off + n], (off, n)
+
+
 def test_export_through_the_mount_equals_the_library(tmp_path):
     name = "libvirt/fw-pc-sparse.img"
     mp = tmp_path / "mp"

@@ -17,6 +17,7 @@ it changes. Nodes never change once built: a changed image gets new inode number
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -219,7 +220,8 @@ class Tree:
             log.warning("%s: no export/: %s", img.path, e)
             return
         self.file(self.mkdir(d, b"export", mtime), b"sequential.img", mtime, size=export.size,
-                  blocks=(export.size + 511) // 512, reader=export.read, stream=True)
+                  blocks=(export.size + 511) // 512, reader=export.read, stream=True,
+                  cached_reader=None if self.direct_io else functools.partial(export.read, nowait=True))
 
     def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
         """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""
