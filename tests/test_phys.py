@@ -73,6 +73,47 @@ def test_phys_memory_and_core_through_the_mount(name, truth, tmp_path):
             assert data == bios[paddr - (FOUR_GIB - len(bios)):][:n]
 
 
+@pytest.mark.parametrize("name", ["firmware/pc-mapped-ram.img", "firmware/q35-sequential.img"])
+def test_phys_and_core_nowait_reads_come_from_the_page_cache_only(name):
+    """The mount tries phys/memory and core.elf reads on its event loop first (nowait): an
+    evicted image raises WouldBlock rather than waiting for the disk; cached, the same bytes."""
+    import os
+    import random
+    import shutil
+    import tempfile
+
+    from ramfs.image.files import WouldBlock
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:  # not tmpfs: pages must be evictable
+        copy = os.path.join(d, "img")
+        shutil.copyfile(fixture_path(name), copy)
+        with open_image(copy, use_cache=False) as img:
+            view = PhysView(img, phys_map(img))
+            core = ElfCore(view, cpus_of(img))
+            a, b = next(iter(view.populated_ranges()))
+
+            def evict() -> None:
+                fd = os.open(copy, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # dirty pages are not dropped
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+            # Each after an eviction: a refused RWF_NOWAIT read may still start readahead.
+            evict()
+            with pytest.raises(WouldBlock):
+                view.read(a, b - a, nowait=True)
+            evict()
+            with pytest.raises(WouldBlock):
+                core.read(len(core.header), 4096, nowait=True)
+            rng = random.Random(name)
+            for reader, size in ((view.read, view.size), (core.read, core.size)):
+                for _ in range(100):
+                    off, n = rng.randrange(size), rng.choice([1, 4096, 131072, 1 << 20])
+                    want = reader(off, n)  # brings the bytes into the page cache
+                    assert reader(off, n, nowait=True) == want, (off, n)
+
+
 def elf_loads(core: bytes) -> list[tuple[int, int, int]]:
     assert core[:4] == b"\x7fELF" and core[4] == 2 and struct.unpack_from("<H", core, 16)[0] == 4
     phoff, = struct.unpack_from("<Q", core, 32)

@@ -166,9 +166,8 @@ class Tree:
                 name += COLLISION_MARK
             self.file(leaf_ram, name, mtime, size=blk.used_length,
                       blocks=blk.populated_pages * blk.page_size // 512,
-                      reader=_block_reader(img, blk), has_data=blk.has_data, stream=True,
-                      # O_DIRECT never serves from the page cache: no try on the loop first
-                      cached_reader=None if self.direct_io else _block_reader(img, blk, nowait=True))
+                      reader=functools.partial(img.read, blk), has_data=blk.has_data, stream=True,
+                      cached_reader=self._nowait(functools.partial(img.read, blk)))
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
             self.file(leaf_maps, name, mtime, data=text)
         self._fill_cpus(d, img, mtime)
@@ -197,7 +196,7 @@ class Tree:
         populated = list(view.populated_ranges())
         self.file(phys, b"memory", mtime, size=view.size,
                   blocks=sum(b - a for a, b in populated) // 512, reader=view.read,
-                  has_data=view.has_data, stream=True)
+                  has_data=view.has_data, stream=True, cached_reader=self._nowait(view.read))
         text = "".join(f"{a} {b}\n" for a, b in populated).encode()
         self.file(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, data=text)
         try:
@@ -206,7 +205,12 @@ class Tree:
             log.warning("%s: no core.elf: %s", img.path, e)
             return
         self.file(phys, b"core.elf", mtime, size=core.size, blocks=(core.size + 511) // 512,
-                  reader=core.read, stream=True)
+                  reader=core.read, stream=True, cached_reader=self._nowait(core.read))
+
+    def _nowait(self, read: Callable[..., bytes]) -> Callable[[int, int], bytes] | None:
+        """The page-cache-only variant of a view's reader, tried on the event loop first;
+        none with --direct-io (O_DIRECT never has the bytes in the page cache)."""
+        return None if self.direct_io else functools.partial(read, nowait=True)
 
     def _fill_export(self, d: DirNode, img: Image, mtime: int) -> None:
         """export/sequential.img: the image as a classic sequential save image (for QEMU < 9.0
@@ -221,7 +225,7 @@ class Tree:
             return
         self.file(self.mkdir(d, b"export", mtime), b"sequential.img", mtime, size=export.size,
                   blocks=(export.size + 511) // 512, reader=export.read, stream=True,
-                  cached_reader=None if self.direct_io else functools.partial(export.read, nowait=True))
+                  cached_reader=self._nowait(export.read))
 
     def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
         """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""
@@ -339,9 +343,3 @@ def _looks_like_image(path: str) -> bool:
     except OSError:
         return False
     return head in (QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL) or head[:4] == QEMU_VM_FILE_MAGIC_BYTES
-
-
-def _block_reader(img: Image, blk, nowait: bool = False) -> Callable[[int, int], bytes]:
-    def read(offset: int, size: int) -> bytes:
-        return img.read(blk, offset, size, nowait)
-    return read

@@ -121,13 +121,14 @@ class ElfCore:
         self.size = off
         self.segments = segments
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
+        """``nowait`` as for :meth:`Image.read`: only from the page cache, else WouldBlock."""
         if offset >= self.size or size <= 0:
             return b""
         end = min(offset + size, self.size)
-        out = bytearray()
+        parts = []
         if offset < len(self.header):
-            out += self.header[offset:min(end, len(self.header))]
+            parts.append(self.header[offset:min(end, len(self.header))])
             offset = len(self.header)
         i = bisect.bisect_right(self._file_starts, offset) - 1
         while offset < end and i < len(self._segments):
@@ -138,10 +139,10 @@ class ElfCore:
                 i += 1
                 continue
             n = min(end, seg_end) - offset
-            out += self.view.read(gstart + offset - fstart, n)
+            parts.append(self.view.read(gstart + offset - fstart, n, nowait))
             offset += n
             i += 1
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def cpus_of(image) -> list[Cpu]:

@@ -151,16 +151,17 @@ class PhysView:
                 yield pos, n, r
             pos += n
 
-    def read(self, gpa: int, size: int) -> bytes:
+    def read(self, gpa: int, size: int, nowait: bool = False) -> bytes:
+        """``nowait`` as for :meth:`Image.read`: only from the page cache, else WouldBlock."""
         if gpa >= self.size or size <= 0:
             return b""
-        out = bytearray()
+        parts = []
         for pos, n, r in self._pieces(gpa, size):
             if r is None:
-                out += bytes(n)
+                parts.append(bytes(n))
             else:
-                out += self.image.read(self.image.blocks[r.block], r.block_offset + pos - r.gpa, n)
-        return bytes(out)
+                parts.append(self.image.read(self.image.blocks[r.block], r.block_offset + pos - r.gpa, n, nowait))
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def has_data(self, gpa: int, size: int) -> bool:
         for pos, n, r in self._pieces(gpa, size):
