@@ -41,6 +41,8 @@ DENSE_OFFSET = 16 * MIB  # where every generated guest has its dense run of rand
 KIB128 = 128 * 1024
 # (dd block size, range): the whole (4+ GiB) block only at 1 MiB, to keep the run short.
 READ_CASES = ((KIB128, "dense"), (MIB, "dense"), (MIB, "whole"))
+RANDOM_ROUNDS = 4     # alternating ramfs / passthrough
+RANDOM_SECONDS = 4.0  # per system, over all rounds
 
 
 @dataclasses.dataclass
@@ -52,6 +54,7 @@ class Ctx:
     env: dict  # environment of every ramfs process (RAMFS_CACHE_DIR)
     results: dict
     warm_runs: int = 3
+    direct_rounds: int = 3
 
     @property
     def small(self) -> gen.Images:
@@ -91,6 +94,7 @@ def seq_reads(ctx: Ctx) -> None:
     imgs = ctx.small
     dense = min(GIB, dense_bytes(imgs.recipe))
     rows = ctx.results.setdefault("seq_reads", [])
+    ctx.results.setdefault("method", {})["direct_rounds"] = ctx.direct_rounds
     for kind in ("mapped", "seq"):
         image = getattr(imgs, kind)
         facts = block_facts(image, ctx.env)
@@ -100,34 +104,41 @@ def seq_reads(ctx: Ctx) -> None:
                   "whole": {"ramfs": (0, facts["block_size"]), "file": (0, fsize // 4096 * 4096)}}
         for mode in ("buffered", "direct"):
             direct = mode == "direct"
-            measured: dict = {}
-            for system in ("ramfs", "passthrough", "dd-image"):
-                with workdir(ctx.work, "mnt") as w:
-                    if system == "ramfs":
-                        m = ramfs_mount(image, w / "mp", *(["--direct-io"] if direct else []), env=ctx.env)
-                        path = m.mp / "ram" / "pc.ram"
-                    elif system == "passthrough":
-                        (w / "rw").mkdir()
-                        m = passthrough_mount(image, w / "rw", w / "mp", direct_io=direct)
-                        path = m.mp / "file"
-                    else:
-                        m, path = None, image
+            samples: dict = {}
+            # Direct reads go to the disk, whose throughput here drifts by tens of percent
+            # within minutes: each case is measured in rounds, the systems taking turns in a
+            # rotating order, and the median kept, so drift cannot favour whoever ran first.
+            rounds = ctx.direct_rounds if direct else 1
+            with workdir(ctx.work, "mnt") as w:
+                (w / "rw").mkdir()
+                ram = ramfs_mount(image, w / "r", *(["--direct-io"] if direct else []), env=ctx.env)
+                try:
+                    pt = passthrough_mount(image, w / "rw", w / "p", direct_io=direct)
                     try:
+                        paths = {"ramfs": ram.mp / "ram" / "pc.ram", "passthrough": pt.mp / "file",
+                                 "dd-image": image}
+                        systems = list(paths)
                         for bs, rng in READ_CASES:
-                            off, count = ranges[rng]["ramfs" if system == "ramfs" else "file"]
-                            iflag_direct = direct and system == "dd-image"
-                            drop_caches()
-                            cold = dd(path, bs=bs, offset=off, count=count, direct=iflag_direct)
-                            n = ctx.warm_runs if rng == "dense" and not direct else 1
-                            warms = [dd(path, bs=bs, offset=off, count=count, direct=iflag_direct)["gbps"]
-                                     for _ in range(n)]
-                            measured[(system, bs, rng)] = {"cold": cold["gbps"], "warm": median(warms),
-                                                           "bytes": count}
+                            for r in range(rounds):
+                                for system in systems[r % 3:] + systems[:r % 3]:
+                                    off, count = ranges[rng]["ramfs" if system == "ramfs" else "file"]
+                                    iflag_direct = direct and system == "dd-image"
+                                    drop_caches()
+                                    cold = dd(paths[system], bs=bs, offset=off, count=count, direct=iflag_direct)
+                                    n = ctx.warm_runs if rng == "dense" and not direct else 1
+                                    warms = [dd(paths[system], bs=bs, offset=off, count=count,
+                                                direct=iflag_direct)["gbps"] for _ in range(n)]
+                                    got = samples.setdefault((system, bs, rng), {"cold": [], "warm": [], "bytes": count})
+                                    got["cold"].append(cold["gbps"])
+                                    got["warm"].append(median(warms))
                     finally:
-                        if m is not None:
-                            m.close()
-                            measured[(system, "rss")] = m.hwm
-                log(f"seq reads {kind} {mode} {system}: done")
+                        pt.close()
+                finally:
+                    ram.close()
+            measured = {key: {"cold": median(v["cold"]), "warm": median(v["warm"]), "bytes": v["bytes"]}
+                        for key, v in samples.items()}
+            measured[("ramfs", "rss")], measured[("passthrough", "rss")] = ram.hwm, pt.hwm
+            log(f"seq reads {kind} {mode}: done ({rounds} round{'s' if rounds > 1 else ''})")
             for bs, rng in READ_CASES:
                 for state in ("cold", "warm"):
                     r = measured[("ramfs", bs, rng)][state]
@@ -172,6 +183,7 @@ def random_page_reads(ctx: Ctx) -> None:
     imgs = ctx.small
     dense = min(GIB, dense_bytes(imgs.recipe))
     rows = ctx.results.setdefault("random_reads", [])
+    ctx.results.setdefault("method", {}).update(random_rounds=RANDOM_ROUNDS, random_seconds=RANDOM_SECONDS)
     for kind in ("mapped", "seq"):
         image = getattr(imgs, kind)
         facts = block_facts(image, ctx.env)
@@ -191,8 +203,20 @@ def random_page_reads(ctx: Ctx) -> None:
                             else:
                                 rlo, rhi, flo, fhi = 0, facts["block_size"], 0, fsize // 4096 * 4096
                             warm(image)
-                            a = random_reads(ram.mp / "ram" / "pc.ram", rlo, rhi)
-                            b = random_reads(pt.mp / "file", flo, fhi)
+                            # Rounds with the order alternating and fresh offsets each round
+                            # (the same for both): drift of the disk cancels out, and no round
+                            # rereads what an earlier one left in the FUSE page cache.
+                            tally = {"ramfs": [0, 0.0], "passthrough": [0, 0.0]}
+                            where = {"ramfs": (ram.mp / "ram" / "pc.ram", rlo, rhi),
+                                     "passthrough": (pt.mp / "file", flo, fhi)}
+                            for r in range(RANDOM_ROUNDS):
+                                for system in (("ramfs", "passthrough") if r % 2 == 0 else ("passthrough", "ramfs")):
+                                    path, lo, hi = where[system]
+                                    got = random_reads(path, lo, hi, limit=RANDOM_SECONDS / RANDOM_ROUNDS, seed=r + 1)
+                                    tally[system][0] += got["reads"]
+                                    tally[system][1] += got["seconds"]
+                            a = {"reads": tally["ramfs"][0], "per_s": tally["ramfs"][0] / tally["ramfs"][1]}
+                            b = {"reads": tally["passthrough"][0], "per_s": tally["passthrough"][0] / tally["passthrough"][1]}
                             row = {"image": f"{imgs.recipe.ram_gib} GiB {kind}", "kind": kind, "mode": mode,
                                    "range": rng, "ramfs": a["per_s"], "passthrough": b["per_s"],
                                    "ratio": a["per_s"] / b["per_s"], "reads": a["reads"]}

@@ -315,6 +315,7 @@ def render(res: dict) -> str:
                  f"saved with mapped-ram: {fmt_bytes(sp['size'])} logical, {fmt_bytes(sp['allocated'])} "
                  "allocated.\n")
 
+    method = res.get("method") or {}
     sr = res.get("seq_reads") or []
     if sr:
         s.append("## Sequential reads of ram/pc.ram\n")
@@ -329,7 +330,11 @@ def render(res: dict) -> str:
                  "direct I/O and O_DIRECT reads, `dd iflag=direct` of the image. *cold*: page cache dropped "
                  "right before (`sync; echo 1 > /proc/sys/vm/drop_caches`, which also empties the FUSE file's cache: a "
                  "first read after mount); *warm*: the same read again at once (buffered dense: median of 3). "
-                 "Each daemon is mounted afresh for every image and mode.\n")
+                 + (f"ramfs and the passthrough are mounted side by side, afresh for every image and mode; in "
+                    f"direct mode, whose reads go to a disk whose throughput drifts by tens of percent within "
+                    f"minutes, each case is measured in {method['direct_rounds']} rounds with the three systems "
+                    f"taking turns in a rotating order, and the median of each is shown.\n"
+                    if method.get("direct_rounds") else "Each daemon is mounted afresh for every image and mode.\n"))
         for kind in dict.fromkeys(r["image"] for r in sr):
             s.append(f"### {kind} image\n")
             rows = []
@@ -352,7 +357,10 @@ def render(res: dict) -> str:
     if rr:
         s.append("## Random 4 KiB page reads\n")
         s.append("One process doing `pread(4096)` at random page-aligned offsets (the same sequence for both), "
-                 "up to 40000 reads or 3 s; the image file warm in the host page cache. *dense*: within the "
+                 + (f"{method['random_rounds']} rounds of up to {method['random_seconds'] / method['random_rounds']:.0f} s "
+                    f"each, ramfs and the passthrough alternating which goes first, new offsets every round; "
+                    if method.get("random_rounds") else "up to 40000 reads or 3 s; ")
+                 + "the image file warm in the host page cache. *dense*: within the "
                  "dense range (every page holds data) and, for the passthrough, within the file range storing it; "
                  "*whole*: anywhere in pc.ram (half zero pages) / anywhere in the image file. Buffered mounts: "
                  "`POSIX_FADV_RANDOM` on the descriptor (no readahead); direct: O_DIRECT on the image, so each "

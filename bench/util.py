@@ -234,11 +234,11 @@ def passthrough_mount(file, rwdir, mp: Path, *, writeback=False, direct_io=False
 
 RANDOM_READER = r"""
 import os, random, sys, time
-path, lo, hi, n, limit, advice = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+path, lo, hi, n, limit, advice, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
 fd = os.open(path, os.O_RDONLY)
 if advice == "random":
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-rng = random.Random(1)
+rng = random.Random(seed)
 pages = (hi - lo) // 4096
 offs = [lo + rng.randrange(pages) * 4096 for _ in range(n)]
 done = 0
@@ -285,8 +285,10 @@ def direct_page_reads(path, lo: int, pages: int, stride: int, *, n: int = 40000,
     return {"reads": int(done), "seconds": float(secs), "per_s": int(done) / float(secs)}
 
 
-def random_reads(path, lo: int, hi: int, *, n: int = 40000, limit: float = 3.0, advice: str = "random") -> dict:
-    r = subprocess.run([PY, "-c", RANDOM_READER, str(path), str(lo), str(hi), str(n), str(limit), advice],
+def random_reads(path, lo: int, hi: int, *, n: int = 40000, limit: float = 3.0, advice: str = "random",
+                 seed: int = 1) -> dict:
+    r = subprocess.run([PY, "-c", RANDOM_READER, str(path), str(lo), str(hi), str(n), str(limit), advice,
+                        str(seed)],
                        check=False, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"random reader on {path}: {r.stderr.strip()}")
