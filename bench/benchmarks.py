@@ -43,6 +43,7 @@ KIB128 = 128 * 1024
 READ_CASES = ((KIB128, "dense"), (MIB, "dense"), (MIB, "whole"))
 RANDOM_ROUNDS = 4     # alternating ramfs / passthrough
 RANDOM_SECONDS = 4.0  # per system, over all rounds
+CONVERT_ROUNDS = 3    # cp and ramfs convert, alternating
 
 
 @dataclasses.dataclass
@@ -290,12 +291,31 @@ def conversion(ctx: Ctx) -> None:
                          "gbps": size / seconds / 1e9, "maxrss": rss, "note": note})
 
         with workdir(ctx.work, "conv") as w:
-            drop_caches()
-            cp_s = cp_and_sync(src, w / "copy.img")
-            (w / "copy.img").unlink()
-            add("cp + fsync (ceiling)", cp_s)
-            log(f"{label}: cp {cp_s:.1f} s")
-            variants = [("ramfs convert --jobs 1", ())]
+            # The ratio that matters (ramfs convert vs cp) from alternating rounds, medians kept:
+            # this disk's speed moves by tens of percent between minutes, and a single pair
+            # measured one after the other carries that drift into the ratio.
+            runs: dict = {"cp": [], "ramfs": []}
+            rss = []
+            for r in range(CONVERT_ROUNDS):
+                for which in (("cp", "ramfs") if r % 2 == 0 else ("ramfs", "cp")):
+                    drop_caches()
+                    if which == "cp":
+                        runs["cp"].append(cp_and_sync(src, w / "copy.img"))
+                        (w / "copy.img").unlink()
+                    else:
+                        got = ramfs_convert(ctx, src, w / "out.img")
+                        (w / "out.img").unlink()
+                        runs["ramfs"].append(got["seconds"])
+                        rss.append(got["maxrss"])
+
+            def runs_note(xs):
+                return f"median of {len(xs)} alternating runs: " + ", ".join(f"{x:.1f}" for x in xs) + " s"
+
+            cp_s = median(runs["cp"])
+            add("cp + fsync (ceiling)", cp_s, note=runs_note(runs["cp"]))
+            add("ramfs convert --jobs 1", median(runs["ramfs"]), max(rss), note=runs_note(runs["ramfs"]))
+            log(f"{label}: cp {runs['cp']}, ramfs convert {runs['ramfs']}")
+            variants = []
             if i == 0:
                 variants += [("ramfs convert --jobs 2", ("--jobs", "2")),
                              ("ramfs convert --jobs 4", ("--jobs", "4")),
