@@ -25,10 +25,11 @@ from __future__ import annotations
 import bisect
 import json
 import struct
+import threading
 from array import array
 from dataclasses import dataclass
 
-from ramfs.errors import UnsupportedError
+from ramfs.errors import FormatError, UnsupportedError
 from ramfs.format import encode
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, SaveFormat
 from ramfs.format.qemu import (CAP_MAPPED_RAM, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE,
@@ -68,16 +69,43 @@ class _Records:
         self.block = block
         self.ps = ps
         self.name = encode.block_record(block.idstr, 0)[:-8]  # u8 length + idstr
-        starts, cum = array("q"), array("q")
-        n = 0
-        for a, b in block.populated_ranges():
-            starts.append(a // ps)
-            cum.append(n)
-            n += (b - a) // ps
-        self.starts, self.cum, self.count = starts, cum, n
+        n = block.populated_pages
+        self.count = n
         self.first = 8 + len(self.name) + ps  # the record that names the block
         self.rec = 8 + ps
         self.end = start + (self.first + (n - 1) * self.rec if n else 0)
+        self._runs: tuple[array, array] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def starts(self) -> array:
+        return self._run_arrays()[0]
+
+    @property
+    def cum(self) -> array:
+        return self._run_arrays()[1]
+
+    def _run_arrays(self) -> tuple[array, array]:
+        """Each populated run's first page and the count of pages before it, built on the
+        first read, not when the export is laid out: a fragmented guest has hundreds of
+        thousands of runs (about a second to walk), and a mount lists many images."""
+        runs = self._runs
+        if runs is None:
+            with self._lock:
+                if self._runs is None:
+                    ps = self.ps
+                    starts, cum = array("q"), array("q")
+                    n = 0
+                    for a, b in self.block.populated_ranges():
+                        starts.append(a // ps)
+                        cum.append(n)
+                        n += (b - a) // ps
+                    if n != self.count:
+                        raise FormatError(f"block {self.block.idstr!r}: {n} pages in its populated ranges, "
+                                         f"{self.count} counted (the image changed?)")
+                    self._runs = (starts, cum)
+                runs = self._runs
+        return runs
 
     def page(self, k: int) -> int:
         j = bisect.bisect_right(self.cum, k) - 1

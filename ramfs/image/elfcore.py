@@ -10,6 +10,7 @@ target/i386/arch_dump.c (``x86_64_write_elf64_note``, ``QEMUCPUState``).
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ QEMU_NOTE_TYPE = 0  # arch_dump.c: cpu_write_qemu_note, name "QEMU"
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 MAX_PHDRS = 0xFFFF - 2  # PN_XNUM would need a section header; not worth it here
+MAX_LOADS = MAX_PHDRS - 1  # the PT_NOTE takes one
 
 # x86_64_user_regs_struct, in kernel order.
 PRSTATUS_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
@@ -94,9 +96,14 @@ class ElfCore:
 
     def __init__(self, view: PhysView, cpus: list[Cpu]):
         self.view = view
-        segments = list(view.populated_ranges())
-        if len(segments) + 1 > MAX_PHDRS:
-            raise RamfsError(f"{len(segments)} populated ranges: too many for an ELF program header table")
+        segments = list(itertools.islice(view.populated_ranges(), MAX_LOADS + 1))
+        self.whole_ranges = len(segments) > MAX_LOADS
+        if self.whole_ranges:
+            # A fragmented guest (a page in use every few pages: real guests do that) has more
+            # populated ranges than program headers can list: QEMU's own layout then, one
+            # PT_LOAD per RAM range with its zero pages (they cost no disk: the reads of a
+            # hole are answered with zeros). Listing stops at the limit: bounded work.
+            segments = [(r.gpa, r.gpa + r.length) for r in sorted(view.map.ranges, key=lambda r: r.gpa)]
         lma = long_mode(cpus)
         status = prstatus if lma else prstatus_i386
         notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))

@@ -71,11 +71,13 @@ class RamBlock:
         ps = self.page_size
         return any(foff is not None for _, _, foff in self.page_runs(offset // ps, (end + ps - 1) // ps))
 
-    def populated_ranges(self) -> Iterator[tuple[int, int]]:
-        """Byte ranges ``(start, end)`` of pages that hold data (coalesced)."""
+    def populated_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Byte ranges ``(start, end)`` of pages that hold data (coalesced), within the pages
+        covering ``[start, end)`` (default: the whole block)."""
         ps = self.page_size
+        last = self.num_pages if end is None else min(self.num_pages, (end + ps - 1) // ps)
         cur = None
-        for start, stop, foff in self.page_runs(0, self.num_pages):
+        for start, stop, foff in self.page_runs(min(start // ps, last), last):
             if foff is None:
                 continue
             if cur is not None and cur[1] == start * ps:
@@ -181,14 +183,18 @@ class IndexedBlock(RamBlock):
                 pg += m
         return out
 
-    def populated_ranges(self):
+    def populated_ranges(self, start: int = 0, end: int | None = None):
         """Straight from the chunk bitmaps: no per-page work in zero runs."""
         ps = self.page_size
+        first = start // ps
+        last = self.num_pages if end is None else min(self.num_pages, (end + ps - 1) // ps)
         cur = None
         for no in sorted(self._index.chunks[self.index]):
             base = no << CHUNK_SHIFT
-            for a, z in set_runs(self._index.chunk_bits(self.index, no), 0,
-                                 min(1 << CHUNK_SHIFT, self.num_pages - base)):
+            lo, hi = max(first - base, 0), min(1 << CHUNK_SHIFT, last - base)
+            if lo >= hi:
+                continue
+            for a, z in set_runs(self._index.chunk_bits(self.index, no), lo, hi):
                 start, stop = (base + a) * ps, (base + z) * ps
                 if cur is not None and cur[1] == start:
                     cur = (cur[0], stop)

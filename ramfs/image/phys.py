@@ -174,7 +174,7 @@ class PhysView:
         for r in self.map.ranges:
             blk = self.image.blocks[r.block]
             lo, hi = r.block_offset, r.block_offset + r.length
-            for a, b in blk.populated_ranges():
+            for a, b in blk.populated_ranges(lo, hi):
                 a, b = max(a, lo), min(b, hi)
                 if a < b:
                     yield r.gpa + a - lo, r.gpa + b - lo

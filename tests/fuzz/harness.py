@@ -6,7 +6,8 @@ One case is one file (on tmpfs). :meth:`Runner.run` then
    block (start, end, straddling the end, random, populated ranges), walks
    ``populated_ranges``/``has_data``, and calls ``describe()`` (whose result must be JSON);
    then decodes the device state by the VM description (``vmstate.parse_devices``, the CPU
-   states, ``cpus_of``) and reads through the guest-physical map (``phys_map``, ``PhysView``);
+   states, ``cpus_of``), reads through the guest-physical map (``phys_map``, ``PhysView``) and
+   through the lazy views of a mount (``SequentialExport``, ``ElfCore``);
 2. calls ``check(path)`` (a streaming open with ``allow_partial``); every problem must be a
    non-empty string;
 3. for a compressed libvirt image (formats 1-5), opens it with the cache in a per-run
@@ -508,7 +509,8 @@ class Runner:
             # The device state decoded by the VM description (vmstate.py), the CPUs taken from
             # it (core.elf notes), and the guest-physical map with a few reads through it.
             from ramfs.format.vmstate import cpu_states, parse_devices
-            from ramfs.image.elfcore import cpus_of
+            from ramfs.convert.export import SequentialExport
+            from ramfs.image.elfcore import ElfCore, cpus_of
             from ramfs.image.phys import PhysView, phys_map
             try:
                 with open_image(path, use_cache=False) as img:
@@ -535,6 +537,21 @@ class Runner:
                     for i, _ in enumerate(view.populated_ranges()):
                         if i >= 4096:
                             break
+                    # The lazily built views a mount serves: export/sequential.img and core.elf.
+                    for name, build in (("export", lambda: SequentialExport(img)),
+                                        ("core", lambda: ElfCore(view, cpus_of(img)))):
+                        try:
+                            lazy = build()
+                        except RamfsError as e:
+                            notes.append(name + self._ramfs_error(name, e))
+                            continue
+                        for _ in range(4):
+                            off = rng.randrange(0, lazy.size + 4096)
+                            size = rng.choice([1, 4104, 65536])
+                            data = lazy.read(off, size)
+                            if len(data) != max(0, min(size, lazy.size - off)):
+                                raise _Step(Failure("mismatch", "devices", f"{name}.read({off:#x}, {size}) "
+                                                                           f"returned {len(data)} bytes"))
             except RamfsError:
                 pass  # the open step judges the open itself
 
