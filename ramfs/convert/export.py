@@ -34,7 +34,7 @@ from ramfs.format import encode
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, SaveFormat
 from ramfs.format.qemu import (CAP_MAPPED_RAM, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE,
                                SUBSECTION_CAPABILITIES, MigCmd, SectionType)
-from ramfs.image.model import Image, RamBlock
+from ramfs.image.model import SPAN_PAGES, Image, RamBlock
 
 _BE64 = struct.Struct(">Q")
 
@@ -74,42 +74,62 @@ class _Records:
         self.first = 8 + len(self.name) + ps  # the record that names the block
         self.rec = 8 + ps
         self.end = start + (self.first + (n - 1) * self.rec if n else 0)
-        self._runs: tuple[array, array] | None = None
+        self._spans: tuple[array, array] | None = None
+        self._span_runs: tuple[int, array, array] | None = None
         self._lock = threading.Lock()
 
-    @property
-    def starts(self) -> array:
-        return self._run_arrays()[0]
-
-    @property
-    def cum(self) -> array:
-        return self._run_arrays()[1]
-
-    def _run_arrays(self) -> tuple[array, array]:
-        """Each populated run's first page and the count of pages before it, built on the
-        first read, not when the export is laid out: a fragmented guest has hundreds of
-        thousands of runs (about a second to walk), and a mount lists many images."""
-        runs = self._runs
-        if runs is None:
+    def _span_table(self) -> tuple[array, array]:
+        """The first page of each span of the block that holds data and the count of
+        populated pages before it (spans of 32768 pages, counted by popcount), built on the
+        first read. A record number maps to a span by bisection, then to a page through that
+        span's runs only: memory and time per span, not per run, whatever the guest's
+        fragmentation (one page in two in use is a run per page)."""
+        table = self._spans
+        if table is None:
             with self._lock:
-                if self._runs is None:
-                    ps = self.ps
-                    starts, cum = array("q"), array("q")
+                if self._spans is None:
+                    firsts, cum = array("q"), array("q")
                     n = 0
-                    for a, b in self.block.populated_ranges():
-                        starts.append(a // ps)
+                    for a, _b, k in self.block.populated_spans():
+                        firsts.append(a)
                         cum.append(n)
-                        n += (b - a) // ps
+                        n += k
                     if n != self.count:
-                        raise FormatError(f"block {self.block.idstr!r}: {n} pages in its populated ranges, "
-                                         f"{self.count} counted (the image changed?)")
-                    self._runs = (starts, cum)
-                runs = self._runs
-        return runs
+                        raise FormatError(f"block {self.block.idstr!r}: {n} populated pages in its spans, "
+                                          f"{self.count} counted (the image changed?)")
+                    self._spans = (firsts, cum)
+                table = self._spans
+        return table
+
+    def _runs_of_span(self, i: int, first: int) -> tuple[array, array]:
+        """Run starts and page counts before each, within span ``i`` (the last one kept:
+        reads come in order)."""
+        held = self._span_runs
+        if held is not None and held[0] == i:
+            return held[1], held[2]
+        ps = self.ps
+        starts, cum = array("q"), array("q")
+        n = 0
+        lo = first * ps
+        for a, b in self.block.populated_ranges(lo, lo + SPAN_PAGES * ps):
+            starts.append(a // ps)
+            cum.append(n)
+            n += (b - a) // ps
+        self._span_runs = (i, starts, cum)
+        return starts, cum
+
+    def _locate(self, k: int) -> tuple[int, int]:
+        """Record ``k``'s page, and the record number where its run of consecutive pages ends."""
+        firsts, scum = self._span_table()
+        i = bisect.bisect_right(scum, k) - 1
+        starts, cum = self._runs_of_span(i, firsts[i])
+        local = k - scum[i]
+        j = bisect.bisect_right(cum, local) - 1
+        span_count = (scum[i + 1] if i + 1 < len(scum) else self.count) - scum[i]
+        return starts[j] + local - cum[j], scum[i] + (cum[j + 1] if j + 1 < len(cum) else span_count)
 
     def page(self, k: int) -> int:
-        j = bisect.bisect_right(self.cum, k) - 1
-        return self.starts[j] + (k - self.cum[j])
+        return self._locate(k)[0]
 
     def record_start(self, k: int) -> int:
         return self.start + (0 if k == 0 else self.first + (k - 1) * self.rec)
@@ -140,10 +160,8 @@ class _Records:
         # headers, written with a strided slice), which is what lets an export be read at the
         # speed of the disk instead of the interpreter.
         while k < k_end:
-            j = bisect.bisect_right(self.cum, k) - 1
-            run_stop = self.cum[j + 1] if j + 1 < len(self.cum) else self.count
+            page, run_stop = self._locate(k)
             m = min(run_stop, k_end) - k
-            page = self.starts[j] + k - self.cum[j]
             payload = memoryview(image.read(self.block, page * ps, m * ps, nowait))
             if k == 0:
                 h = self.header(0)

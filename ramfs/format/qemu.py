@@ -844,6 +844,15 @@ def populated_count(bitmap: bytes, num_pages: int) -> int:
     return n
 
 
+def count_bits(bitmap: bytes, first: int, last: int) -> int:
+    """Set bits in ``[first, last)`` (LSB-first within little-endian words), by popcount:
+    no per-run work, so a fragmented span costs what a dense one does."""
+    if last <= first:
+        return 0
+    x = int.from_bytes(memoryview(bitmap)[first >> 3:(last + 7) >> 3], "little") >> (first & 7)
+    return (x & ((1 << (last - first)) - 1)).bit_count()
+
+
 def set_runs(bitmap: bytes, first: int, last: int):
     """Yield ``(start, stop)`` page ranges of set bits within ``[first, last)``."""
     i = first

@@ -20,14 +20,15 @@ from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError
                           UnsupportedError)
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
 from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout,
-                               bits_beyond, is_qemu_magic, parse_configuration, parse_stream, populated_count,
+                               bits_beyond, count_bits, is_qemu_magic, parse_configuration, parse_stream, populated_count,
                                set_runs)
 from ramfs.format.source import ForwardSource
+from ramfs.image.bitmap import CHUNK as SPARSE_CHUNK
 from ramfs.image.bitmap import SparseBitmap, load_bitmap
 from ramfs.image.cache import atomic_tmp, cache_dir, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
 from ramfs.image.files import FileSource
-from ramfs.image.index import CHUNK_SHIFT, PageIndex
+from ramfs.image.index import CHUNK_PAGES, CHUNK_SHIFT, PageIndex
 
 # Neighbouring payloads closer than this are fetched with one pread and sliced: in a
 # sequential stream consecutive pages sit 8 bytes apart (the next record header).
@@ -35,6 +36,10 @@ GATHER_GAP = 64
 _SKIP = memoryview(bytearray(GATHER_GAP))  # where record headers go in a scatter read
 _IOV_PAGES = 500  # pages per preadv: two iovecs each, under Linux's IOV_MAX of 1024
 
+
+# Pages per span of the populated-page lookup tables (RamBlock.populated_spans): one index
+# chunk, 4 KiB of bitmap.
+SPAN_PAGES = CHUNK_PAGES
 
 class RamBlock:
     """One RAM block of an image. Subclasses know where its pages are."""
@@ -71,6 +76,18 @@ class RamBlock:
         ps = self.page_size
         return any(foff is not None for _, _, foff in self.page_runs(offset // ps, (end + ps - 1) // ps))
 
+    def populated_spans(self) -> Iterator[tuple[int, int, int]]:
+        """``(first_page, last_page, populated)`` for the spans of at most :data:`SPAN_PAGES`
+        pages that hold data, ascending. Subclasses count them from their bitmaps (popcount),
+        so a lookup table over them costs per span, not per run: a guest using one page in
+        two has a run per populated page."""
+        n = self.num_pages
+        for a in range(0, n, SPAN_PAGES):
+            b = min(a + SPAN_PAGES, n)
+            k = sum((z - y) // self.page_size for y, z in self.populated_ranges(a * self.page_size, b * self.page_size))
+            if k:
+                yield a, b, k
+
     def populated_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Byte ranges ``(start, end)`` of pages that hold data (coalesced), within the pages
         covering ``[start, end)`` (default: the whole block)."""
@@ -104,6 +121,21 @@ class MappedRamBlock(RamBlock):
         super().__init__(record, page_size, count)
         self.bitmap = bitmap
         self.pages_offset = record.mapped.pages_offset
+
+    def populated_spans(self):
+        bm, n = self.bitmap, self.num_pages
+        if not bm:
+            return
+        if isinstance(bm, SparseBitmap):
+            pieces = [(no * SPARSE_CHUNK * 8, bm.chunks[no]) for no in sorted(bm.chunks)]
+        else:
+            pieces = [(0, bm)]
+        for base, bits in pieces:
+            for a in range(base, min(base + len(bits) * 8, n), SPAN_PAGES):
+                b = min(a + SPAN_PAGES, base + len(bits) * 8, n)
+                k = count_bits(bits, a - base, b - base)
+                if k:
+                    yield a, b, k
 
     def page_runs(self, first, last):
         pos = first
@@ -182,6 +214,15 @@ class IndexedBlock(RamBlock):
                 out.append((start - offset, o0, m * ps, stride if m > 1 else 0))
                 pg += m
         return out
+
+    def populated_spans(self):
+        for no in sorted(self._index.chunks[self.index]):
+            base = no << CHUNK_SHIFT  # an index chunk is one span
+            b = min(base + SPAN_PAGES, self.num_pages)
+            bits = self._index.chunk_bits(self.index, no)
+            k = count_bits(bits, 0, b - base) if bits is not None and b > base else 0
+            if k:
+                yield base, b, k
 
     def populated_ranges(self, start: int = 0, end: int | None = None):
         """Straight from the chunk bitmaps: no per-page work in zero runs."""
