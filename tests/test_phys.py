@@ -196,7 +196,7 @@ def _elf_head(path, size: int = 1 << 20) -> bytes:
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("machine,ram_mib", [("pc", 1024), ("pc", 4096), ("q35", 1024), ("q35", 4096)])
-def test_phys_and_core_equal_dump_guest_memory_across_the_split(machine, ram_mib, tmp_path):
+def test_phys_and_core_equal_dump_guest_memory_across_the_split(machine, ram_mib, tmp_path, request):
     """Firmware-only guests on both sides of the machine's below-4G split (pc: 3.5 GiB,
     q35: 2.75 GiB), saved sequential and mapped-ram from the same paused guest: every range
     of phys/memory equals QEMU's dump-guest-memory (ELF, no paging) byte for byte, core.elf
@@ -205,6 +205,10 @@ def test_phys_and_core_equal_dump_guest_memory_across_the_split(machine, ram_mib
     args = qi.MachineArgs(("-accel", "kvm", "-accel", "tcg", "-machine", machine, "-m", f"{ram_mib}M",
                            "-nodefaults", "-no-user-config", "-display", "none"), ram_mib * MiB)
     dump, seq, mapped = tmp_path / "qemu.elf", tmp_path / "seq.img", tmp_path / "mapped.img"
+    dump2 = tmp_path / "qemu2.elf"
+    # QEMU's dumps hold the whole RAM, zeros written out (up to 4.3 GB each): gone when the
+    # test ends, pass or fail, or a few test runs fill the disk.
+    request.addfinalizer(lambda: [p.unlink(missing_ok=True) for p in (dump, dump2)])
     with qi._scratch_dir() as scratch, qi._booted_guest(args, scratch) as g:
         time.sleep(0.5)  # SeaBIOS runs: memory and registers are not the power-on ones
         g.qmp.execute("stop")
@@ -214,7 +218,6 @@ def test_phys_and_core_equal_dump_guest_memory_across_the_split(machine, ram_mib
     # restores the sequential save and writes the mapped-ram one. Its own dump is the truth
     # for that image: with KVM, loading the state re-patches a page of the option-ROM area
     # (0xe8000, kvmvapic), so the two paused guests differ there.
-    dump2 = tmp_path / "qemu2.elf"
     with qi._scratch_dir() as scratch, qi._start(args, scratch, "again", incoming=True) as q:
         q.load(seq, (), 0)
         q.qmp.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{dump2}"})
