@@ -832,18 +832,6 @@ def bits_beyond(bitmap: bytes, num_pages: int) -> int:
     return count + int.from_bytes(tail, "little").bit_count() if tail else count
 
 
-def populated_count(bitmap: bytes, num_pages: int) -> int:
-    """Set bits among the first ``num_pages`` (LSB-first within little-endian words)."""
-    full, rem = divmod(num_pages, 8)
-    view = memoryview(bitmap)
-    # In 1 MiB steps: no copy of a whole (possibly huge) bitmap.
-    n = sum(int.from_bytes(view[i:min(i + (1 << 20), full)], "little").bit_count()
-            for i in range(0, full, 1 << 20))
-    if rem:
-        n += bin(bitmap[full] & ((1 << rem) - 1)).count("1")
-    return n
-
-
 def count_bits(bitmap: bytes, first: int, last: int) -> int:
     """Set bits in ``[first, last)`` (LSB-first within little-endian words), by popcount:
     no per-run work, so a fragmented span costs what a dense one does."""
@@ -851,6 +839,12 @@ def count_bits(bitmap: bytes, first: int, last: int) -> int:
         return 0
     x = int.from_bytes(memoryview(bitmap)[first >> 3:(last + 7) >> 3], "little") >> (first & 7)
     return (x & ((1 << (last - first)) - 1)).bit_count()
+
+
+def populated_count(bitmap: bytes, num_pages: int) -> int:
+    """Set bits among the first ``num_pages`` (LSB-first within little-endian words)."""
+    step = 8 << 20  # 1 MiB of bitmap at a time: no copy of a whole (possibly huge) bitmap
+    return sum(count_bits(bitmap, i, min(i + step, num_pages)) for i in range(0, num_pages, step))
 
 
 def set_runs(bitmap: bytes, first: int, last: int):

@@ -103,7 +103,7 @@ class ElfCore:
             # populated ranges than program headers can list: QEMU's own layout then, one
             # PT_LOAD per RAM range with its zero pages (they cost no disk: the reads of a
             # hole are answered with zeros). Listing stops at the limit: bounded work.
-            segments = [(r.gpa, r.gpa + r.length) for r in sorted(view.map.ranges, key=lambda r: r.gpa)]
+            segments = [(r.gpa, r.gpa + r.length) for r in view.map.ranges]  # in address order
         lma = long_mode(cpus)
         status = prstatus if lma else prstatus_i386
         notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))

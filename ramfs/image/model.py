@@ -36,10 +36,10 @@ GATHER_GAP = 64
 _SKIP = memoryview(bytearray(GATHER_GAP))  # where record headers go in a scatter read
 _IOV_PAGES = 500  # pages per preadv: two iovecs each, under Linux's IOV_MAX of 1024
 
-
 # Pages per span of the populated-page lookup tables (RamBlock.populated_spans): one index
 # chunk, 4 KiB of bitmap.
 SPAN_PAGES = CHUNK_PAGES
+
 
 class RamBlock:
     """One RAM block of an image. Subclasses know where its pages are."""
