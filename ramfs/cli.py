@@ -22,10 +22,40 @@ EPILOG = """examples:
 """
 
 
-def _show(text: str) -> str:
-    """Names from an image may hold bytes that are not UTF-8 (kept with surrogateescape):
-    print them escaped rather than fail."""
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _utf8(text: str) -> str:
+    """Bytes that are not UTF-8 (kept with surrogateescape) as ``\\xNN``; nothing else changed
+    (for JSON, which escapes control characters itself)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _show(text: str) -> str:
+    """A name or message from an image (or its path) for a terminal, with visible escapes as
+    ``ls`` does: bytes that are not UTF-8 (kept with surrogateescape) and C0/DEL/C1 controls as
+    ``\\xNN`` (``\\n``, ``\\t``, ``\\r`` by name), bidi and other format characters (Unicode Cf,
+    e.g. U+202E), line/paragraph separators and lone surrogates as ``\\uNNNN``, and a backslash
+    as ``\\\\``, so that nothing in an image can move the cursor, recolour or reorder the
+    output, or pass for another name."""
+    if text.isprintable() and "\\" not in text:  # the common case (isprintable is False for all below)
+        return text
+    import unicodedata
+
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        elif 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x20 or 0x7F <= o <= 0x9F:
+            out.append(f"\\x{o:02x}")
+        elif unicodedata.category(ch) in ("Cf", "Cs", "Zl", "Zp"):
+            out.append(f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _size(n: int) -> str:
@@ -64,7 +94,7 @@ def cmd_info(args) -> int:
             try:
                 line = _facts(path, args.quiet)
             except RamfsError as e:
-                line = {"path": path, "error": _show(str(e))}
+                line = {"path": path, "error": _utf8(str(e))}
                 status = EXIT_ERROR
             sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
         return status
@@ -77,7 +107,7 @@ def cmd_info(args) -> int:
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
-            print(f"ramfs: error: {path}: {_show(str(e))}", file=sys.stderr)
+            print(f"ramfs: error: {_show(path)}: {_show(str(e))}", file=sys.stderr)
             status = EXIT_ERROR
             continue
         if args.json:
@@ -171,10 +201,10 @@ def cmd_check(args) -> int:
 
     problems = check(args.image)
     if not problems:
-        print(f"{args.image}: OK")
+        print(f"{_show(args.image)}: OK")
         return EXIT_OK
     for p in problems:
-        print(f"{args.image}: {_show(p)}")
+        print(f"{_show(args.image)}: {_show(p)}")
     return EXIT_PROBLEMS
 
 
@@ -192,9 +222,9 @@ def cmd_convert(args) -> int:
         bar.done()
     if not args.quiet:
         if r.already_sparse:
-            print(f"{args.dst}: already mapped-ram; stored as it is ({r.size} bytes)")
+            print(f"{_show(args.dst)}: already mapped-ram; stored as it is ({r.size} bytes)")
         else:
-            print(f"{args.dst}: mapped-ram ({'libvirt sparse, format 6' if r.container == 'libvirt' else 'bare'}),"
+            print(f"{_show(args.dst)}: mapped-ram ({'libvirt sparse, format 6' if r.container == 'libvirt' else 'bare'}),"
                   f" {sum(r.populated)} populated pages, {r.size} bytes, {r.seconds:.2f} s")
     return EXIT_OK
 
@@ -217,7 +247,10 @@ def _new_file(out: str, bar):
     tmp = f"{out}.ramfs-{os.getpid()}.tmp"
     tempfiles.register(tmp)
     try:
-        with open(tmp, "xb") as f:
+        # 0600 from the moment it exists (the umask can only remove bits): guest memory is
+        # private to whoever wrote it, never readable by others while or after it is written.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -331,7 +364,7 @@ def cmd_export(args) -> int:
                 if proc.wait() != 0:
                     raise RamfsError(f"{program} failed (exit status {proc.returncode})")
     if not args.quiet:
-        print(f"{out}: sequential, {ex.pages} pages, {os.path.getsize(out)} bytes"
+        print(f"{_show(out)}: sequential, {ex.pages} pages, {os.path.getsize(out)} bytes"
               + (f", {args.format} (libvirt format {int(fmt)})" if program else ""))
     return EXIT_OK
 

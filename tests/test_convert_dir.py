@@ -112,19 +112,33 @@ def test_garbage_fails_cp_with_einval(backing, tmp_path, garbage):
     src.write_bytes(garbage)
     with mounted(backing, mp):
         r = subprocess.run(["cp", str(src), str(mp / "convert" / "g.save")], capture_output=True, text=True)
-        if garbage:
-            assert r.returncode != 0
-            assert "Invalid argument" in r.stderr
-        else:
-            # An empty copy cannot be told from a dup()ed descriptor closed before any write
-            # (dd, shell redirections), so its close succeeds; the conversion still fails.
-            deadline = time.monotonic() + 10
-            while "\tfailed\t" not in (mp / "convert" / "STATUS").read_text():
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        # The empty file too: its close is the last one (the copier holds no other
+        # descriptor on it), so the failure reaches cp.
+        assert r.returncode != 0
+        assert "Invalid argument" in r.stderr
+        assert "\tfailed\t" in (mp / "convert" / "STATUS").read_text()
         assert not (mp / "convert" / "g.save").exists()
         assert "g.save" not in os.listdir(mp)
     assert os.listdir(backing) == []
+
+
+def test_empty_input_through_a_dup_still_fails(backing, tmp_path):
+    """dd and the shell's "> file" close a dup()ed descriptor before writing: that close is
+    not the end. An empty input still fails at the last close; a real one converts."""
+    mp = tmp_path / "mp"
+    src = fixture_path("firmware/q35-sequential.img")
+    with mounted(backing, mp):
+        r = subprocess.run(["dd", f"of={mp / 'convert' / 'e.save'}", "status=none"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Invalid argument" in r.stderr, r.stderr
+        with open(src, "rb") as f:
+            r = subprocess.run(["sh", "-c", f"sleep 0.3; dd of={mp / 'convert' / 'd.save'} bs=1M status=none"],
+                               stdin=f, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["sh", "-c", f"cat {src} > {mp / 'convert' / 's.save'}"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(backing)) == ["d.save", "s.save"]
+    assert sha(backing / "d.save") == sha(backing / "s.save")
 
 
 def test_truncated_image_fails_and_leaves_nothing(backing, tmp_path):
@@ -234,30 +248,44 @@ def _as_nobody(*cmd: str, stdin=None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["private", "allow-other"])
 def test_other_users_and_convert_dir(backing, tmp_path, shared):
-    """Another user (nobody) sees nothing of a private mount; with --allow-other, convert/
-    is sticky and world-writable (mode 1777) and a copy by that user converts, while the
-    rest of the tree stays read-only for them."""
+    """Another user (nobody) sees nothing of a private mount. With --allow-other, convert/
+    mirrors the backing directory: nobody cannot copy into root's 0755 directory (EACCES,
+    nothing left), and once the directory is theirs, their copy converts and is theirs,
+    while the rest of the tree stays read-only for them."""
     import shutil
     import tempfile
     sparse_copy(fixture_path("firmware/pc-mapped-ram.img"), backing / "a.save")
+    backing.chmod(0o755)
     # The mountpoint must be reachable by nobody: pytest's tmp_path is root-only.
     top = Path(tempfile.mkdtemp(prefix="ramfs-perm-", dir="/var/tmp"))
     try:
         top.chmod(0o755)
         mp = top / "mp"
+        src = top / "src.save"
+        shutil.copy(fixture_path(SEQUENTIAL[0]), src)
+        src.chmod(0o644)
         extra = ("--allow-other",) if shared else ()
         with mounted(backing, mp, *extra):
-            src = fixture_path(SEQUENTIAL[0])
             ls = _as_nobody("ls", str(mp / "convert"))
+            st = (mp / "convert").stat()
+            assert st.st_mode & 0o7777 == 0o755 and st.st_uid == 0
             if not shared:
                 assert ls.returncode != 0 and "denied" in ls.stderr.lower()
-                assert (mp / "convert").stat().st_mode & 0o7777 == 0o755
                 return
             assert ls.returncode == 0, ls.stderr
-            assert (mp / "convert").stat().st_mode & 0o7777 == 0o1777
+            r = _as_nobody("cp", str(src), str(mp / "convert" / "b.save"))
+            assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+            assert sorted(os.listdir(backing)) == ["a.save"]
+            os.chown(backing, 65534, 65534)
+            deadline = time.monotonic() + 5
+            while (mp / "convert").stat().st_uid != 65534:
+                assert time.monotonic() < deadline, "the new owner of the directory never showed"
+                time.sleep(0.2)
             with open(src, "rb") as f:
-                r = _as_nobody("dd", f"of={mp / 'convert' / 'b.save'}", "bs=1M", stdin=f)
+                r = _as_nobody("sh", "-c", f"umask 027; dd of={mp / 'convert' / 'b.save'} bs=1M", stdin=f)
             assert r.returncode == 0, r.stderr
+            st = os.stat(backing / "b.save")
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
             assert _as_nobody("touch", str(mp / "x")).returncode != 0
             assert _as_nobody("sh", "-c", f": > {mp / 'a.save' / 'image.json'}").returncode != 0
         with open_image(backing / "b.save") as out, open_image(src) as orig:

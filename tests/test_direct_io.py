@@ -359,14 +359,16 @@ def test_tmpfs_refusal():
 def test_refusal_at_open_message(odd_file, monkeypatch):
     """What a file system without O_DIRECT does at open (tmpfs before Linux 6.6, ...)."""
     path, _ = odd_file
-    real_open = os.open
+    real_fcntl = files_mod.fcntl.fcntl
 
-    def fake_open(p, flags, *a, **kw):
-        if flags & os.O_DIRECT:
+    def fake_fcntl(fd, cmd, arg=0):
+        # The file is opened without O_DIRECT (O_NOFOLLOW/O_NONBLOCK checks first), then
+        # the flag is set: where the file system has no O_DIRECT, that is where it fails.
+        if cmd == files_mod.fcntl.F_SETFL and arg & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(p, flags, *a, **kw)
+        return real_fcntl(fd, cmd, arg)
 
-    monkeypatch.setattr(files_mod.os, "open", fake_open)
+    monkeypatch.setattr(files_mod.fcntl, "fcntl", fake_fcntl)
     with pytest.raises(ImageIOError) as ei:
         DirectFileSource(path)
     assert ei.value.errno == errno.EINVAL

@@ -173,7 +173,6 @@ def test_forward_source_tees_and_bounds_memory():
 def test_sparse_bitmap_equals_the_dense_one(seed, tmp_path):
     """Big bitmaps are read only where the file has data (ramfs.image.bitmap): runs, counts
     and bits past the end must equal those of the whole bitmap read densely."""
-    import os
     import random
 
     from ramfs.format.qemu import MappedRamHeader, RamBlockRecord, bits_beyond, populated_count, set_runs

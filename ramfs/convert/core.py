@@ -383,9 +383,11 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
     fd = direct_fd = -1
     try:
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            # 0600 from creation (the umask can only remove bits): the image holds guest memory.
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             if direct_io:
-                direct_fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                # The same inode again, not the name (which could be swapped meanwhile).
+                direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
             if direct_io and e.errno == errno.EINVAL:
                 raise ImageIOError(f"{os.path.dirname(dst)} does not support O_DIRECT", e.errno) from None

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from ramfs.convert.core import ConvertResult, convert_stream
 from ramfs.convert.verify import verify_output
 from ramfs.errors import RamfsError
+from ramfs.fs import creds
+from ramfs.fs.creds import Caller
 
 log = logging.getLogger("ramfs.convert")
 
 TMP_PREFIX = ".ramfs-convert."
 QUEUE_LIMIT = 32 << 20  # in-memory bytes between the writer and the converter
-READ_CHUNK = 1 << 20
 TAIL_KEEP = 8 << 20  # the last bytes written, to recognise a complete image at flush
 # flush() is sent at every close() of a descriptor, including dup()ed ones and those of child
 # processes sharing the file. When the bytes so far do not end like a complete image, the
@@ -48,14 +49,15 @@ class ConversionFailed(RamfsError):
 class Assembler:
     """Positioned writes in, an in-order byte stream out (see the module docstring)."""
 
-    def __init__(self, spool_path: str):
+    def __init__(self, spool_path: str | None, spool_fd: int = -1):
         self._cv = threading.Condition()
         self._queue: deque = deque()  # bytes, or (start, end) ranges to read from the spool
         self._queued = 0
         self.expected = 0  # end of the contiguous prefix handed to the reader
         self._rpos = 0  # what the reader consumed
         self._spool_path = spool_path
-        self._spool_fd = -1
+        # Given: an unnamed file made with the writer's credentials (ConvertManager.start).
+        self._spool_fd = spool_fd
         self._ahead: list[list[int]] = []  # sorted, disjoint [start, end) spooled ranges
         self.size = 0  # highest offset written or set
         self._eof = False
@@ -213,6 +215,7 @@ class Assembler:
 
     def _spool(self, offset: int, data: bytes) -> None:
         if self._spool_fd < 0:
+            assert self._spool_path is not None
             self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         view = memoryview(data)
         pos = offset
@@ -306,10 +309,11 @@ class Assembler:
         if self._spool_fd >= 0:
             os.close(self._spool_fd)
             self._spool_fd = -1
-        try:
-            os.unlink(self._spool_path)
-        except FileNotFoundError:
-            pass
+        if self._spool_path is not None:
+            try:
+                os.unlink(self._spool_path)
+            except FileNotFoundError:
+                pass
 
 
 @dataclass(eq=False)
@@ -320,13 +324,18 @@ class Conversion:
     final_path: str
     tmp_path: str
     assembler: Assembler
+    caller: Caller | None = None  # whose file it is; None: the daemon's own (not root)
+    fd: int = -1  # the temporary, until published or removed
+    direct_fd: int | None = None
     started: float = field(default_factory=time.monotonic)
     thread: threading.Thread | None = None
     result: ConvertResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     published: bool = False
+    published_fd: int = -1  # read-only, on the published image (what convert/ serves)
     ended: float | None = None
+    node: object | None = None  # the file system's node for it
     # Set by the file system once the outcome is visible in the tree (the name removed or
     # turned into the finished image): STATUS must not say "failed" while convert/ still
     # shows the name, or a script that polls STATUS and then looks races the tree update.
@@ -340,61 +349,99 @@ class Conversion:
 
 
 class ConvertManager:
-    """Runs conversions into ``backing`` and publishes them (FUSE-independent)."""
+    """Runs conversions into ``backing`` and publishes them (FUSE-independent).
 
-    def __init__(self, backing: str, *, jobs: int = 1, direct_io: bool = False):
+    Every file of a conversion (temporary, spool, final name) is created as the caller, so
+    the kernel and the backing directory decide who may convert, as if the caller wrote the
+    file there itself (:mod:`ramfs.fs.creds`). Names are resolved relative to the
+    directory's descriptor; the temporary is read back and linked through its descriptor.
+    """
+
+    def __init__(self, backing: str, dir_fd: int, *, jobs: int = 1, direct_io: bool = False):
         self.backing = backing
+        self.dir_fd = dir_fd
         self.jobs = jobs
         self.direct_io = direct_io
         self.active: dict[bytes, Conversion] = {}
         self.finished: dict[bytes, Conversion] = {}
         self._lock = threading.Lock()
-        self.on_published = None  # callback(name) after a result got its final name
 
     def cleanup_stale(self) -> int:
         """Remove temporaries left by a daemon that died mid-conversion."""
         n = 0
-        for entry in os.scandir(self.backing):
+        for entry in os.scandir(self.dir_fd):
             if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
                 try:
-                    os.unlink(entry.path)
+                    os.unlink(entry.name, dir_fd=self.dir_fd)
                     n += 1
                 except OSError as e:
-                    log.warning("cannot remove stale %s: %s", entry.path, e.strerror)
+                    log.warning("cannot remove stale %s/%s: %s", self.backing, entry.name, e.strerror)
         return n
 
-    def start(self, name: bytes) -> Conversion:
+    def start(self, name: bytes, caller: Caller | None = None, mode: int = 0o600) -> Conversion:
+        """Create the temporary as ``caller`` (None: as this process) with ``mode`` (the
+        mode the creator asked for, its umask applied). Raises ConversionFailed(EACCES, ...)
+        when the caller may not create files in the backing directory."""
         fname = os.fsdecode(name)
-        final = os.path.join(self.backing, fname)
+        if caller is not None and not creds.can_act_as_others() and caller.uid not in (0, os.geteuid()):
+            # Without root we can only create files as ourselves: a file of someone else's
+            # could then appear under a name this caller chose.
+            raise ConversionFailed(f"{fname}: this mount converts only for uid {os.geteuid()}", errno.EACCES)
         with self._lock:
-            if name in self.active or os.path.lexists(final):
+            if name in self.active or _lexists(fname, self.dir_fd):
                 raise ConversionFailed(f"{fname} already exists", errno.EEXIST)
             token = secrets.token_hex(4)
-            tmp = os.path.join(self.backing, f"{TMP_PREFIX}{token}.{fname[:180]}.tmp")
-            conv = Conversion(name, final, tmp, Assembler(tmp + ".spool"))
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            tmp = f"{TMP_PREFIX}{token}.{fname[:180]}.tmp"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                with creds.as_caller_if_root(caller):
+                    fd = os.open(tmp, flags, 0o600, dir_fd=self.dir_fd)
+                    try:
+                        # Bytes that arrive ahead of the stream wait here: a file with no
+                        # name, so nothing of it can outlive us or be opened by anyone.
+                        spool = os.open(tmp + ".spool", flags, 0o600, dir_fd=self.dir_fd)
+                        os.unlink(tmp + ".spool", dir_fd=self.dir_fd)
+                    except OSError:
+                        os.close(fd)
+                        os.unlink(tmp, dir_fd=self.dir_fd)
+                        raise
+            except OSError as e:
+                raise ConversionFailed(f"cannot create {fname} in {self.backing}: {e.strerror}",
+                                       e.errno or errno.EIO) from None
+            conv = Conversion(name, os.path.join(self.backing, fname), tmp,
+                              Assembler(None, spool), caller=caller, fd=fd)
+            try:
+                if self.direct_io:
+                    # The same inode again, for O_DIRECT page writes: through /proc, never
+                    # by name (the directory is the caller's to change).
+                    conv.direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                # The mode asked for, only once our own descriptors are open (a 0400 copy
+                # still has to be written), and before any byte is in.
+                os.fchmod(fd, mode & 0o777)
+            except OSError as e:
+                self._discard(conv)
+                raise ConversionFailed(f"cannot prepare {fname}: {e.strerror}", e.errno or errno.EIO) from None
             self.active[name] = conv
-        conv.thread = threading.Thread(target=self._run, args=(conv, fd), name=f"convert {fname}",
-                                       daemon=True)
+        conv.thread = threading.Thread(target=self._run, args=(conv,), name=f"convert {fname}", daemon=True)
         conv.thread.start()
         return conv
 
-    def _run(self, conv: Conversion, fd: int) -> None:
-        direct_fd = None
+    def _run(self, conv: Conversion) -> None:
+        # This thread and the writer threads it starts write as the caller: quotas and the
+        # reserved blocks apply to them as to the caller's own writes.
         try:
-            if self.direct_io:
-                direct_fd = os.open(conv.tmp_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            conv.result = convert_stream(conv.assembler.read, fd, jobs=self.jobs, direct_fd=direct_fd,
-                                         padding=conv.assembler.zero_region)
-            if conv.assembler.read(1):
-                raise ConversionFailed("data continues after the end of the save image", errno.EINVAL)
+            with creds.as_caller_if_root(conv.caller):
+                conv.result = convert_stream(conv.assembler.read, conv.fd, jobs=self.jobs,
+                                             direct_fd=conv.direct_fd, padding=conv.assembler.zero_region)
+                if conv.assembler.read(1):
+                    raise ConversionFailed("data continues after the end of the save image", errno.EINVAL)
         except BaseException as e:  # reported to the writer at flush
             conv.error = e
             conv.assembler.fail(e)
         finally:
-            os.close(fd)
-            if direct_fd is not None:
-                os.close(direct_fd)
+            if conv.direct_fd is not None:
+                os.close(conv.direct_fd)
+                conv.direct_fd = None
             conv.done.set()
 
     def finish(self, conv: Conversion, *, last_close: bool = False) -> None:
@@ -411,35 +458,48 @@ class ConvertManager:
         conv.done.wait()
         log.debug("%s: end of input after %.3f s, conversion done %.3f s later",
                   os.fsdecode(conv.name), t1 - t0, time.monotonic() - t1)
+        fname = os.fsdecode(conv.name)
         try:
             if conv.error is not None:
                 raise conv.error
-            verify_output(conv.tmp_path, conv.result)
-            try:
-                os.link(conv.tmp_path, conv.final_path)
-            except FileExistsError:
-                raise ConversionFailed(f"{conv.final_path} appeared meanwhile", errno.EEXIST) from None
-            _fsync_dir(self.backing)
+            verify_output(f"/proc/self/fd/{conv.fd}", conv.result)
+            with creds.as_caller_if_root(conv.caller):
+                try:
+                    # Link the inode we wrote, not whatever the temporary's name holds now.
+                    os.link(f"/proc/self/fd/{conv.fd}", fname, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+                except FileExistsError:
+                    raise ConversionFailed(f"{conv.final_path} appeared meanwhile", errno.EEXIST) from None
+                except OSError as e:
+                    raise ConversionFailed(f"cannot create {conv.final_path}: {e.strerror}",
+                                           e.errno or errno.EIO) from None
+            os.fsync(self.dir_fd)
+            conv.published_fd = os.open(f"/proc/self/fd/{conv.fd}", os.O_RDONLY | os.O_CLOEXEC)
             conv.published = True
             log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, conv.result.source_format,
                      sum(conv.result.populated), time.monotonic() - conv.started)
         except BaseException as e:
             conv.error = e
-            log.warning("conversion of %s failed: %s", os.fsdecode(conv.name), e)
+            log.warning("conversion of %s failed: %s", fname, e)
             raise
         finally:
-            for p in (conv.tmp_path,):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-            conv.assembler.close()
+            self._discard(conv)
             conv.ended = time.monotonic()
             with self._lock:
                 self.active.pop(conv.name, None)
                 self.finished[conv.name] = conv  # failures stay listed in STATUS too
-            if conv.published and self.on_published is not None:
-                self.on_published(conv.name)
+
+    def _discard(self, conv: Conversion) -> None:
+        """Remove the temporary's name and close what the conversion had open."""
+        try:
+            os.unlink(conv.tmp_path, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove %s/%s: %s", self.backing, conv.tmp_path, e.strerror)
+        if conv.fd >= 0:
+            os.close(conv.fd)
+            conv.fd = -1
+        conv.assembler.close()
 
     def status_text(self) -> bytes:
         lines = []
@@ -453,10 +513,9 @@ class ConvertManager:
         return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a new directory entry durable (the data itself was fsynced by the converter)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _lexists(name: str, dir_fd: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

@@ -14,7 +14,6 @@ import logging
 import logging.handlers
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -84,6 +83,14 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     if account is not None and cache is None:
         cache = _user_cache(account)
     tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g)
+    tree.mountpoint = mountpoint
+    tree.reader_name = account.pw_name if account is not None else None
+    # Opened here, as whoever started us (root for --user): the files are then read through
+    # these descriptors, whoever parses them.
+    if directory:
+        tree.open_directory(source, convert_jobs=jobs)
+    else:
+        tree.open_image_file(source)
 
     def fill() -> None:
         if directory:
@@ -100,12 +107,21 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
             tree.progress = None
 
     if account is None:
+        try:
+            fill()  # parse before mounting: a bad image fails the mount command itself
+        except BaseException:
+            tree.close()
+            raise
         if os.geteuid() == 0:
-            log.warning("parsing untrusted images as root: consider --user (a user that can read them)")
-        fill()  # parse before mounting: a bad image fails the mount command itself
+            warning = "images are parsed as root: consider --user USER (see docs/security.md)"
+            log.warning(warning)
+            if not quiet and not foreground:  # in the foreground the log line is on stderr
+                print(f"ramfs: warning: {warning}", file=sys.stderr)
     else:
-        tree.preopened = _preopen(source, directory)
-    opts = set(pyfuse3.default_options)  # default_permissions
+        _preload()
+    # default_permissions always: the kernel checks each request against the owners and
+    # modes the tree mirrors from the source files (nothing an -o can turn off).
+    opts = set(pyfuse3.default_options) | {"default_permissions"}
     # /proc/mounts then reads "SOURCE MOUNTPOINT fuse.ramfs ...", like any fstab mount.
     fsname = source.replace("\\", "\\\\").replace(",", "\\,")  # libfuse splits options at commas
     opts |= {f"fsname={fsname}", f"subtype={FSNAME_PREFIX}"}
@@ -133,29 +149,35 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     except OSError as e:
         log.warning("cannot write %s: %s", pidfile, e.strerror)
     if account is not None:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
         child = os.fork()
         if child:
-            # The root half: it never reads an image; it waits, passes signals on, and
-            # unmounts when the worker is gone (the worker, unprivileged, cannot).
-            return _supervise(child, mountpoint, pidfile, tree, systemd)
-        _drop_privileges(account)
+            # The root half: it never reads an image; it waits, passes signals on, reports
+            # how the worker started, and unmounts when the worker is gone.
+            os.close(status_w)
+            return _supervise(child, status_r, mountpoint, pidfile, tree, systemd, ready, account.pw_name)
+        os.close(status_r)
+        if ready is not None:
+            ready.forget()  # the root half reports, having heard from us
         try:
+            _drop_privileges(account)
             fill()
-        except (RamfsError, OSError) as e:
-            log.error("as %s: %s", account.pw_name, e)
+            ops.dynamic_root = tree.root is not None and tree.root.dynamic
+        except BaseException as e:
+            # Whatever it is, it must reach whoever started the mount: the root half
+            # prints it (or sends it to the parent that waits on the terminal).
+            if not isinstance(e, (RamfsError, OSError)):
+                log.exception("as %s: the worker failed", account.pw_name)
+            reason = str(e) if isinstance(e, (RamfsError, OSError)) else f"{type(e).__name__}: {e}"
+            _report(status_w, f"E{reason}")
             os._exit(EXIT_FILL_FAILED)
-        ops.uid, ops.gid = os.getuid(), os.getgid()
-        ops.dynamic_root = tree.root is not None and tree.root.dynamic
-    if tree.convert_dir is not None:
-        # convert/ is the one writable place: only the mounting user's unless the mount is
-        # shared, then everyone's, sticky like /tmp (default_permissions enforces both).
-        tree.convert_dir.mode = stat.S_IFDIR | (0o1777 if "allow_other" in opts else 0o755)
-    if ready is not None:
-        ready()
+        _report(status_w, "1")
+    elif ready is not None:
+        ready.ok()
     log.info("mounted %s on %s%s", source, mountpoint, f" as {account.pw_name}" if account else "")
-    if systemd:
+    if systemd and account is None:
         # The kernel mount exists and requests queue until the loop below serves them.
-        sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getppid() if account else os.getpid()}")
+        sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getpid()}")
     clean = False
     try:
         trio.run(_serve)
@@ -177,6 +199,15 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
 EXIT_FILL_FAILED = 3
 
 
+def _report(fd: int, message: str) -> None:
+    """One status message of the worker to the root half (then the pipe is closed)."""
+    data = " ".join(message.split()).encode("utf-8", "backslashreplace")[:4000]
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _account(user: str):
     import pwd
 
@@ -194,27 +225,61 @@ def _user_cache(account) -> str:
     d = Path("/var/cache/ramfs") / f"user-{account.pw_name}"
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chown(d, account.pw_uid, account.pw_gid)
+        os.chown(d, account.pw_uid, account.pw_gid, follow_symlinks=False)
     except OSError as e:
         raise RamfsError(f"cannot prepare the cache {d} for {account.pw_name}: {e.strerror}") from None
     return str(d)
 
 
-def _preopen(source: str, directory: bool) -> dict[str, int]:
-    """Open the images there are now, as root, so the user needs no read access to them."""
-    paths = [source] if not directory else [
-        e.path for e in os.scandir(source) if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
-    out = {}
-    for p in paths:
+def _preload() -> None:
+    """Import now, as root, every module the worker may need after dropping privileges: the
+    unprivileged user may not be able to read where ramfs (or Python) is installed, and an
+    import that fails after the drop would kill the worker in the middle of a request."""
+    import importlib
+    import pkgutil
+
+    import ramfs
+    for mod in pkgutil.walk_packages(ramfs.__path__, "ramfs."):
+        importlib.import_module(mod.name)
+    for name in ("zstandard", "lzma", "bz2", "zlib", "gzip", "encodings.idna", "json.encoder", "json.decoder",
+                 "logging.handlers", "socket", "pwd", "grp", "ctypes", "ctypes.util", "fcntl", "mmap",
+                 "secrets", "bisect", "dataclasses", "shutil", "subprocess", "tempfile", "traceback"):
         try:
-            out[os.path.realpath(p)] = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as e:
-            if not directory:
-                raise RamfsError(f"cannot open {p}: {e.strerror}") from None
-    return out
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+# prctl(2) options (include/uapi/linux/prctl.h)
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def _prctl(option: int, arg: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"prctl({option}, {arg}): {os.strerror(e)}")
 
 
 def _drop_privileges(account) -> None:
+    """For good: no capability can come back (the bounding set is emptied while we still
+    may, and no_new_privs stops setuid programs and file capabilities), then USER's uids,
+    gids and groups, real, effective and saved."""
+    try:
+        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        try:
+            _prctl(PR_CAPBSET_DROP, cap)
+        except OSError as e:
+            if e.errno != 22:  # EINVAL: a capability this kernel does not know
+                raise RamfsError(f"cannot drop capability {cap} from the bounding set: {e.strerror}") from None
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
     os.setgroups(os.getgrouplist(account.pw_name, account.pw_gid))
     os.setgid(account.pw_gid)
     os.setuid(account.pw_uid)  # real, effective and saved: there is no way back
@@ -227,12 +292,11 @@ def _drop_privileges(account) -> None:
     raise RamfsError("dropping privileges failed: setuid(0) still works")
 
 
-def _supervise(child: int, mountpoint: str, pidfile: Path, tree, systemd: bool) -> int:
+def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree, systemd: bool,
+               ready, user: str) -> int:
     import pyfuse3
 
-    for fd in tree.preopened.values():
-        os.close(fd)
-    tree.preopened.clear()
+    tree.close()  # the worker has its own copies of the descriptors
     stopping = []
 
     def forward(signum, frame):
@@ -244,19 +308,41 @@ def _supervise(child: int, mountpoint: str, pidfile: Path, tree, systemd: bool) 
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
+    status = b""
+    while True:
+        chunk = os.read(status_r, 4096)  # until the worker reports or dies
+        if not chunk:
+            break
+        status += chunk
+    os.close(status_r)
+    started = status == b"1"
+    if started:
+        if ready is not None:
+            ready.ok()
+        if systemd:
+            sd_notify(f"READY=1\nSTATUS=serving {mountpoint} as {user}\nMAINPID={os.getpid()}")
+        log.info("serving %s as %s", mountpoint, user)
     while True:
         try:
-            _, status = os.waitpid(child, 0)
+            _, wstatus = os.waitpid(child, 0)
             break
         except InterruptedError:
             continue
-    code = os.waitstatus_to_exitcode(status)
+    code = os.waitstatus_to_exitcode(wstatus)
     if systemd:
         sd_notify("STOPPING=1")
     pyfuse3.close(unmount=True)
     pidfile.unlink(missing_ok=True)
-    if code == EXIT_FILL_FAILED:
-        raise RamfsError(f"the images in {mountpoint} could not be read as the unprivileged user (see the log)")
+    if not started:
+        if status.startswith(b"E"):
+            reason = status[1:].decode("utf-8", "replace")
+        else:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            reason = f"the worker {how} before serving (see the log)"
+        message = f"as {user}: {reason}"
+        if ready is not None:
+            ready.fail(message)
+        raise RamfsError(message)
     log.info("unmounted %s", mountpoint)
     return 0 if code == 0 or -code in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) else 1
 
@@ -276,14 +362,55 @@ async def _serve() -> None:
         nursery.cancel_scope.cancel()
 
 
-def _daemonize():
-    """Fork; the parent exits 0 once the child calls the returned ``ready()``."""
+class _Ready:
+    """The daemon's side of the pipe the waiting parent reads: ``1`` once the mount serves,
+    ``E`` and one line when it could not start (the parent prints it and exits 2)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def _send(self, data: bytes) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            pass
+        self.forget()
+
+    def ok(self) -> None:
+        self._send(b"1")
+
+    def fail(self, message: str) -> None:
+        self._send(b"E" + message.encode("utf-8", "backslashreplace")[:4000])
+
+    def forget(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _daemonize() -> _Ready:
+    """Fork; the parent exits once the child reports through the returned :class:`_Ready`:
+    0 when the mount serves, 2 with the child's one-line reason when it could not."""
     r, w = os.pipe()
     pid = os.fork()
     if pid:
         os.close(w)
-        ok = os.read(r, 1)
-        os._exit(0 if ok == b"1" else 1)
+        data = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        if data == b"1":
+            os._exit(0)
+        if data.startswith(b"E"):
+            sys.stderr.write(f"ramfs: error: {data[1:].decode('utf-8', 'replace')}\n")
+        else:
+            sys.stderr.write("ramfs: error: the daemon exited before the mount was ready (see the log)\n")
+        sys.stderr.flush()
+        os._exit(2)
     os.close(r)
     os.setsid()
     os.chdir("/")
@@ -291,11 +418,7 @@ def _daemonize():
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-
-    def ready() -> None:
-        os.write(w, b"1")
-        os.close(w)
-    return ready
+    return _Ready(w)
 
 
 def sd_notify(state: str) -> bool:
@@ -351,6 +474,37 @@ def _setup_logging(debug: bool, foreground: bool, log_file: str | None, journal:
     root.addHandler(handler)
 
 
+# What the kernel calls a mount made with subtype=ramfs (ramfs mount, mount -t fuse.ramfs).
+RAMFS_FSTYPE = f"fuse.{FSNAME_PREFIX}"
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """A /proc/self/mountinfo field with its octal escapes (``\\040`` for a space) undone."""
+    import re
+
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), field)
+
+
+def _mount_fstype(mountpoint: str) -> str | None:
+    """The file system type of the mount on top at ``mountpoint`` (e.g. ``fuse.ramfs``,
+    ``tmpfs``), or None if nothing is mounted there."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    target = os.fsencode(mountpoint)
+    found = None
+    for line in lines:
+        head, sep, tail = line.partition(b" - ")
+        fields = head.split(b" ")
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        if _unescape_mountinfo(fields[4]) == target:
+            found = os.fsdecode(_unescape_mountinfo(tail.split(b" ")[0]))  # the last one is on top
+    return found
+
+
 def umount(mountpoint: str, *, timeout: float = 30.0) -> int:
     """Unmount and wait until the daemon has exited (lazily when files are still open)."""
     mountpoint = resolve_mountpoint(mountpoint)
@@ -360,8 +514,13 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> int:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         pass
-    if not _is_mountpoint(mountpoint):
+    fstype = _mount_fstype(mountpoint)
+    if fstype is None and not _is_mountpoint(mountpoint):
         raise RamfsError(f"{mountpoint} is not mounted")
+    if fstype != RAMFS_FSTYPE:
+        # Never unmount what is not ours (as root, fusermount3 -u unmounts anything).
+        what = f"a {fstype} mount" if fstype else "not in /proc/self/mountinfo"
+        raise RamfsError(f"{mountpoint} is {what}, not a ramfs mount: not unmounted")
     r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if r.returncode != 0:
         if "busy" in r.stderr.lower():

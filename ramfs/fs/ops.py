@@ -14,21 +14,23 @@ import functools
 import itertools
 import logging
 import os
-import stat
 import time
 
 import pyfuse3
 import trio
 
 from ramfs.errors import FormatError, ImageIOError, RamfsError
-from ramfs.fs.convertdir import ConversionFailed
-from ramfs.fs.tree import BLOCK_BLKSIZE, ROOT_INODE, DirNode, FileNode, Node, Tree
+from ramfs.fs import creds
+from ramfs.fs.convertdir import QUIET_SECONDS, Conversion, ConversionFailed
+from ramfs.fs.tree import BLOCK_BLKSIZE, CONVERT_DIR, ROOT_INODE, DirNode, FileNode, Node, Owner, Tree
 from ramfs.image.files import WouldBlock
 
 log = logging.getLogger("ramfs.fs")
 
-ATTR_TIMEOUT = 300.0  # nodes never change: let the kernel cache them
-DYNAMIC_TIMEOUT = 1.0  # directory mode: new and removed images show up within a second
+ENTRY_TIMEOUT = 300.0  # names never change: let the kernel cache them
+# Attributes, and directory mode's names: new and removed images, and a changed owner or
+# mode of an image, show within a second (default_permissions checks the cached ones).
+DYNAMIC_TIMEOUT = 1.0
 MAX_WORKERS = 32
 # Served for ranges the guest never touched, without a thread hop or an allocation.
 _ZEROS = memoryview(bytes(4 << 20))
@@ -59,11 +61,8 @@ def _conv_errno(exc: BaseException) -> int:
     return errno_for(exc, converting=True)
 
 
-def _file_reader(path: str):
-    def read(off: int, size: int) -> bytes:
-        with open(path, "rb", buffering=0) as f:
-            return os.pread(f.fileno(), size, off)
-    return read
+def _fd_reader(fd: int, off: int, size: int) -> bytes:
+    return os.pread(fd, size, off)
 
 
 def _invalidate_entry(parent_inode: int, name: bytes) -> None:
@@ -109,8 +108,6 @@ class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree):
         super().__init__()
         self.tree = tree
-        self.uid = os.getuid()
-        self.gid = os.getgid()
         self.limiter = trio.CapacityLimiter(MAX_WORKERS)
         # Writers block in their thread while the converter catches up; they get their own
         # threads so that reads are never starved by a fast copy into convert/.
@@ -144,27 +141,34 @@ class Operations(pyfuse3.Operations):
         if self.dynamic_root and d.inode == ROOT_INODE:
             await trio.to_thread.run_sync(self.tree.rescan, limiter=self.limiter)
 
+    async def _refresh_owners(self) -> None:
+        """A changed owner or mode of a source shows within a second, even to a process
+        whose working directory is inside an image (it never looks the root up)."""
+        if self.dynamic_root:
+            if self.tree.rescan_due():
+                await trio.to_thread.run_sync(self.tree.rescan, limiter=self.limiter)
+        else:
+            self.tree.refresh_owners()
+
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
         changing = node.dynamic if isinstance(node, DirNode) else (node.dynamic_data or node.conversion)
-        timeout = DYNAMIC_TIMEOUT if changing else ATTR_TIMEOUT
+        a.entry_timeout = DYNAMIC_TIMEOUT if changing else ENTRY_TIMEOUT
+        a.attr_timeout = DYNAMIC_TIMEOUT
         if isinstance(node, FileNode) and node.conversion is not None:
-            timeout = 0
-        a.entry_timeout = timeout
-        a.attr_timeout = timeout
-        a.st_uid, a.st_gid = self.uid, self.gid
+            a.entry_timeout = a.attr_timeout = 0
+        a.st_uid, a.st_gid, _ = node.owner.ids
+        a.st_mode = node.st_mode
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         if isinstance(node, DirNode):
-            a.st_mode = node.mode
             a.st_nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
             a.st_size = 0
             a.st_blksize = 4096
             a.st_blocks = 0
         else:
             assert isinstance(node, FileNode)
-            a.st_mode = node.mode
             a.st_nlink = 1
             a.st_size = node.size
             if node.conversion is not None:
@@ -183,6 +187,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
             return self._attrs(parent)
+        await self._refresh_owners()
         await self._refresh_root(parent)
         await self._ready(parent)
         child = parent.children.get(name)
@@ -192,6 +197,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
+        await self._refresh_owners()
         return self._attrs(self._node(inode))
 
     @fuse_errors
@@ -261,20 +267,6 @@ class Operations(pyfuse3.Operations):
                 pass
         return await trio.to_thread.run_sync(node.reader, off, size, limiter=self.limiter)
 
-    async def release(self, fh):
-        self._snapshots.pop(fh, None)
-        conv = self._writers.pop(fh, None)
-        if conv is not None and conv.node.conversion is not None:
-            # Closed without a flush we could answer: finish anyway, so nothing half-written
-            # survives and a complete copy is still published.
-            try:
-                await trio.to_thread.run_sync(functools.partial(self.tree.converter.finish, conv, last_close=True),
-                                              limiter=self.write_limiter)
-            except Exception as e:  # already logged by the manager
-                log.debug("release of an unfinished conversion: %s", e)
-            await self._conversion_over(conv)
-        return None
-
     # -- the convert/ directory (directory mode) -----------------------------------------
     def _in_convert(self, parent_inode: int) -> bool:
         return self.tree.convert_dir is not None and parent_inode == self.tree.convert_dir.inode
@@ -285,12 +277,19 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if name in self.tree.convert_dir.children:
             raise pyfuse3.FUSEError(errno.EEXIST)
+        # The file is the caller's, with the mode it asked for, exactly as if it had been
+        # created in the backing directory by the caller (who must be allowed to).
+        caller = creds.caller_of(ctx)
+        perm = mode & ~ctx.umask & 0o777
         try:
-            conv = await trio.to_thread.run_sync(self.tree.converter.start, name, limiter=self.write_limiter)
-        except Exception as e:
+            conv = await trio.to_thread.run_sync(
+                functools.partial(self.tree.converter.start, name, caller, perm), limiter=self.write_limiter)
+        except (RamfsError, OSError) as e:
+            log.info("convert/%s refused: %s", os.fsdecode(name), e)
             raise pyfuse3.FUSEError(_conv_errno(e)) from None
-        node = self.tree.file(self.tree.convert_dir, name, time.time_ns(), mode=stat.S_IFREG | 0o644,
-                              conversion=conv)
+        uid, gid = (ctx.uid, ctx.gid) if creds.can_act_as_others() else (os.geteuid(), os.getegid())
+        node = self.tree.file(self.tree.convert_dir, name, time.time_ns(), owner=Owner(uid, gid, perm),
+                              exact_mode=True, conversion=conv)
         fh = next(self._handles)
         self._writers[fh] = conv
         conv.node = node
@@ -306,7 +305,7 @@ class Operations(pyfuse3.Operations):
             return len(data)
         try:
             await trio.to_thread.run_sync(conv.assembler.write, off, data, limiter=self.write_limiter)
-        except Exception as e:
+        except (RamfsError, OSError) as e:
             raise pyfuse3.FUSEError(_conv_errno(e)) from None
         return len(buf)
 
@@ -316,20 +315,65 @@ class Operations(pyfuse3.Operations):
         if conv is None:
             return
         if conv.node.conversion is not None:
-            if conv.assembler.size == 0:
-                # Nothing written yet: this is a dup'ed descriptor being closed (dd opens its
-                # output, dup2()s it to stdout and closes the original). The end comes later.
+            if conv.assembler.size == 0 and await trio.to_thread.run_sync(
+                    self._more_to_come, conv, limiter=self.write_limiter):
+                # Nothing written yet and the file is still open elsewhere: a dup'ed
+                # descriptor being closed (dd opens its output, dup2()s it to stdout and
+                # closes the original; so does the shell's "> file"). The end comes later.
                 return
             try:
                 await trio.to_thread.run_sync(self.tree.converter.finish, conv, limiter=self.write_limiter)
-            except Exception as e:
+            except (RamfsError, OSError) as e:
                 await self._conversion_over(conv)
                 raise pyfuse3.FUSEError(_conv_errno(e)) from None
             await self._conversion_over(conv)
         elif conv.error is not None:
             raise pyfuse3.FUSEError(_conv_errno(conv.error))
 
-    async def _conversion_over(self, conv) -> None:
+    def _more_to_come(self, conv: Conversion) -> bool:
+        """At a flush with nothing written: does the writer still hold the file open? FUSE
+        does not say whether a close is the last one, so look at the creator's descriptors
+        (the closing one is already gone from its table when the flush is sent). When that
+        cannot be read (a --user daemon may not look at other users' processes), wait a
+        moment for bytes instead: an empty copy then fails after QUIET_SECONDS."""
+        pid = conv.caller.pid if conv.caller is not None else 0
+        ours = f"{self.tree.mountpoint}/{CONVERT_DIR.decode()}/{os.fsdecode(conv.name)}" if self.tree.mountpoint else None
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd") if pid and ours else None
+            for fd in fds or ():
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == ours:
+                        return True
+                except OSError:
+                    continue
+            if fds is not None:
+                return False
+        except OSError:
+            pass
+        deadline = time.monotonic() + QUIET_SECONDS
+        while time.monotonic() < deadline:
+            if conv.assembler.size:
+                return True
+            time.sleep(0.02)
+        return conv.assembler.size > 0
+
+    async def release(self, fh):
+        self._snapshots.pop(fh, None)
+        conv = self._writers.pop(fh, None)
+        if conv is not None and conv.node.conversion is not None:
+            # Closed without a flush we could answer: finish anyway, so nothing half-written
+            # survives and a complete copy is still published.
+            try:
+                await trio.to_thread.run_sync(functools.partial(self.tree.converter.finish, conv, last_close=True),
+                                              limiter=self.write_limiter)
+            except (RamfsError, OSError) as e:  # already logged by the manager
+                log.debug("release of an unfinished conversion: %s", e)
+            except Exception:
+                log.exception("bug finishing the conversion of %r", conv.name)
+            await self._conversion_over(conv)
+        return None
+
+    async def _conversion_over(self, conv: Conversion) -> None:
         """The in-flight file becomes the finished image (read-only) or disappears."""
         node = conv.node
         if node.conversion is None:
@@ -337,12 +381,14 @@ class Operations(pyfuse3.Operations):
         node.conversion = None
         d = self.tree.convert_dir
         if conv.published:
-            st = await trio.to_thread.run_sync(os.stat, conv.final_path, limiter=self.write_limiter)
-            node.mode = stat.S_IFREG | 0o444
+            st = os.fstat(conv.published_fd)
+            node.owner = Owner.of(st)
+            node.exact_mode = False
             node.size = st.st_size
             node.blocks = st.st_blocks
-            node.reader = _file_reader(conv.final_path)
+            node.reader = functools.partial(_fd_reader, conv.published_fd)
             node.stream = True
+            self.tree.keep_fd(conv.published_fd)
             await trio.to_thread.run_sync(self.tree.rescan, True, limiter=self.write_limiter)
         else:
             if d.children.get(node.name) is node:
@@ -364,7 +410,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             try:
                 conv.assembler.truncate(attr.st_size)
-            except Exception as e:
+            except (RamfsError, OSError) as e:
                 raise pyfuse3.FUSEError(_conv_errno(e)) from None
         # Modes, owners and times of a file being converted are not kept (cp -a sets them).
         return self._attrs(node)
@@ -403,7 +449,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def access(self, inode, mode, ctx):
         node = self._node(inode)
-        return not mode & os.W_OK or bool(node.mode & 0o200)
+        return not mode & os.W_OK or bool(node.st_mode & 0o200)
 
     @fuse_errors
     async def statfs(self, ctx):

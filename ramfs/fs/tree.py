@@ -13,10 +13,19 @@ One image shows as::
 A directory of images shows each image as ``<filename>/`` with that layout; images are
 recognised by their first bytes and opened on first use, and the directory is rescanned when
 it changes. Nodes never change once built: a changed image gets new inode numbers.
+
+Nobody sees more through a mount than the source files allow (docs/security.md): every node
+of an image's subtree shares one :class:`Owner`, the image file's uid, gid and read bits,
+updated in place when the file's owner or mode changes; the root of a directory mount and
+``convert/`` mirror the backing directory. The kernel enforces them (``default_permissions``).
+Images in a directory are opened by name relative to the directory's descriptor, with
+``O_NOFOLLOW``, and must be the inode the listing showed; they are read through that
+descriptor from then on.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -27,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ramfs.errors import RamfsError
+from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
 from ramfs.fs.convertdir import TMP_PREFIX
@@ -35,16 +44,48 @@ from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
 from ramfs.image.elfcore import ElfCore, cpus_of
+from ramfs.image.files import open_regular
 from ramfs.image.phys import PhysView, phys_map
 
 log = logging.getLogger("ramfs.fs")
 
 ROOT_INODE = 1
 BLOCK_BLKSIZE = 1 << 20  # st_blksize of block files: tools then read in 1 MiB units
-DIR_MODE = stat.S_IFDIR | 0o555
-FILE_MODE = stat.S_IFREG | 0o444
 CONVERT_DIR = b"convert"
 RESCAN_INTERVAL = 1.0  # seconds between directory-mode rescans of the backing directory
+
+
+class Owner:
+    """The owner, group and mode a subtree mirrors (of an image file, or of the backing
+    directory). Shared by every node of the subtree; :meth:`update` replaces all three at
+    once, so a reader never sees half of a change."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, uid: int, gid: int, mode: int):
+        self.ids = (uid, gid, stat.S_IMODE(mode))
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Owner":
+        return cls(st.st_uid, st.st_gid, st.st_mode)
+
+    def update(self, st: os.stat_result) -> bool:
+        ids = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        changed = ids != self.ids
+        self.ids = ids
+        return changed
+
+    @property
+    def file_mode(self) -> int:
+        """What a read-only view of the source may show: its read bits, nothing more."""
+        return self.ids[2] & 0o444
+
+    @property
+    def dir_mode(self) -> int:
+        """A directory of a read-only view: the source's read bits, and search where it
+        may be read (r--r----- gives r-xr-x---)."""
+        r = self.ids[2] & 0o444
+        return r | (r >> 2)
 
 
 @dataclass(eq=False)
@@ -52,10 +93,15 @@ class Node:
     inode: int
     name: bytes
     mtime_ns: int
+    owner: Owner
 
     @property
     def is_dir(self) -> bool:
         return False
+
+    @property
+    def st_mode(self) -> int:
+        raise NotImplementedError
 
 
 @dataclass(eq=False)
@@ -65,11 +111,17 @@ class DirNode(Node):
     populate: Callable[["DirNode"], None] | None = None
     dynamic: bool = False  # may change (directory mode): short kernel cache timeouts
     path: str | None = None  # directory mode: the image file behind this directory
-    mode: int = DIR_MODE
+    fd: int | None = None  # directory mode: that file, opened at listing, until populated
+    writable: bool = False  # convert/: the backing directory's mode as it is, write bits too
 
     @property
     def is_dir(self) -> bool:
         return True
+
+    @property
+    def st_mode(self) -> int:
+        mode = self.owner.ids[2] & 0o7777 if self.writable else self.owner.dir_mode
+        return stat.S_IFDIR | mode
 
 
 @dataclass(eq=False)
@@ -82,9 +134,13 @@ class FileNode(Node):
     # reader(offset, size, nowait=True) from the page cache only, or WouldBlock (on the loop)
     cached_reader: Callable[..., bytes] | None = None
     stream: bool = False  # content never changes and is costly: let the kernel cache it
-    mode: int = FILE_MODE
+    exact_mode: bool = False  # a file being written in convert/: the caller's mode as asked
     dynamic_data: Callable[[], bytes] | None = None  # generated at each open (STATUS)
     conversion: object | None = None  # convert/: the conversion this file is being written to
+
+    @property
+    def st_mode(self) -> int:
+        return stat.S_IFREG | (self.owner.ids[2] & 0o777 if self.exact_mode else self.owner.file_mode)
 
 
 class Tree:
@@ -96,16 +152,28 @@ class Tree:
         self._lock = threading.Lock()
         self.direct_io = direct_io
         self.cache = cache
-        self.preopened: dict[str, int] = {}  # realpath -> descriptor opened before --user
         self.progress = None  # progress(done, total) while an image is first opened
         self.below_4g = below_4g
         self.images: list[Image] = []
         self.root: DirNode | None = None
         self.convert_dir: DirNode | None = None  # directory mode only
         self.converter = None
+        self.mountpoint: str | None = None  # set by the daemon (convert/ looks for open files)
+        self.reader_name: str | None = None  # --user: the account images are read as
+        # Single-image mode: the image's descriptor, opened before the mount (and before a
+        # --user drop), and when its owner and mode were last looked at.
+        self._image_fd: int | None = None
+        self._checked_at = 0.0
+        # Directory mode: name -> (dev, ino, fd) opened as root before a --user drop.
+        self._preopened: dict[bytes, tuple[int, int, int]] = {}
         # Called with (parent inode, name) when directory mode drops or replaces an entry, so
         # the FUSE layer can make the kernel forget its cached dentry at once.
         self.on_entry_gone: Callable[[int, bytes], None] | None = None
+        self._rescanning = threading.Lock()
+        self._kept: list[int] = []  # descriptors of published conversions, closed at unmount
+
+    def keep_fd(self, fd: int) -> None:
+        self._kept.append(fd)
 
     def new_inode(self) -> int:
         with self._lock:
@@ -119,37 +187,66 @@ class Tree:
             parent.children[node.name] = node
         return node
 
-    def mkdir(self, parent: DirNode, name: bytes, mtime_ns: int) -> DirNode:
+    def mkdir(self, parent: DirNode, name: bytes, mtime_ns: int, **kw) -> DirNode:
         existing = parent.children.get(name)
         if isinstance(existing, DirNode):
             return existing
-        return self.add(DirNode(self.new_inode(), name, mtime_ns), parent)
+        kw.setdefault("owner", parent.owner)
+        return self.add(DirNode(self.new_inode(), name, mtime_ns, **kw), parent)
 
     def file(self, parent: DirNode, name: bytes, mtime_ns: int, **kw) -> FileNode:
         if "data" in kw and kw["data"] is not None:
             kw.setdefault("size", len(kw["data"]))
             kw.setdefault("blocks", (len(kw["data"]) + 511) // 512)
+        kw.setdefault("owner", parent.owner)  # a subtree mirrors one source
         return self.add(FileNode(self.new_inode(), name, mtime_ns, **kw), parent)
 
     def close(self) -> None:
         for img in self.images:
             img.close()
         self.images.clear()
+        for _, _, fd in self._preopened.values():
+            os.close(fd)
+        self._preopened.clear()
+        for fd in self._kept:
+            os.close(fd)
+        self._kept.clear()
+        if self._image_fd is not None:
+            os.close(self._image_fd)
+            self._image_fd = None
+        if getattr(self, "_dir_fd", None) is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     # -- single image ------------------------------------------------------------------
-    def _open(self, path: str) -> Image:
-        # An image opened before privileges were dropped (--user) is used once; reopening it
-        # later (it changed) happens as the unprivileged user.
-        fd = self.preopened.pop(os.path.realpath(path), None)
-        return open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd, progress=self.progress)
+    def open_image_file(self, path: str) -> None:
+        """Open the image to mount, before the mount exists (and before --user drops
+        privileges, so USER needs no access to it). A FIFO or device is refused here."""
+        self._image_fd = open_regular(path)
 
     def mount_image(self, path: str) -> None:
-        img = self._open(path)
+        if self._image_fd is None:
+            self.open_image_file(path)
+        # The image keeps a descriptor of its own: ours stays to watch the owner and mode.
+        img = open_image(path, cache=self.cache, direct_io=self.direct_io, fd=os.dup(self._image_fd),
+                         progress=self.progress)
         self.images.append(img)
-        mtime = img.source.stat.st_mtime_ns  # fstat: the path may not be ours to stat (--user)
-        self.root = self.add(DirNode(self.new_inode(), b"", mtime))
+        st = img.source.stat  # fstat: the path may not be ours to stat (--user)
+        self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st)))
         assert self.root.inode == ROOT_INODE
-        self.fill_image_dir(self.root, img, mtime)
+        self.fill_image_dir(self.root, img, st.st_mtime_ns)
+
+    def refresh_owners(self) -> None:
+        """Single-image mode: take a changed owner or mode of the image (its fstat), at most
+        once a second. Directory mode does the same in :meth:`rescan`. Cheap: no I/O."""
+        now = time.monotonic()
+        if self._image_fd is None or self.root is None or now - self._checked_at < RESCAN_INTERVAL:
+            return
+        self._checked_at = now
+        try:
+            self.root.owner.update(os.fstat(self._image_fd))
+        except OSError as e:
+            log.warning("cannot stat the image: %s", e.strerror)
 
     def fill_image_dir(self, d: DirNode, img: Image, mtime: int) -> None:
         ram = self.mkdir(d, b"ram", mtime)
@@ -251,79 +348,189 @@ class Tree:
         return self.mkdir(parent, name, mtime)
 
     # -- directory mode ----------------------------------------------------------------
-    def mount_directory(self, path: str, *, convert_jobs: int = 1) -> None:
+    def open_directory(self, path: str, *, convert_jobs: int = 1) -> None:
+        """The root-side half of a directory mount: the directory's descriptor, the convert
+        manager, and a descriptor on each regular file there now (for --user, which reads
+        them after dropping privileges). Nothing is parsed here."""
         from ramfs.fs.convertdir import ConvertManager
 
         self.backing = os.path.realpath(path)
-        st = os.stat(self.backing)
-        self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, dynamic=True))
-        self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
-        self._scanned_at = 0.0
-        self.converter = ConvertManager(self.backing, jobs=convert_jobs, direct_io=self.direct_io)
+        try:
+            self._dir_fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ImageIOError(f"cannot open the directory {self.backing}: {e.strerror}", e.errno) from None
+        self.converter = ConvertManager(self.backing, self._dir_fd, jobs=convert_jobs, direct_io=self.direct_io)
         stale = self.converter.cleanup_stale()
         if stale:
             log.info("removed %d stale conversion temporaries from %s", stale, self.backing)
-        self.convert_dir = self.add(DirNode(self.new_inode(), CONVERT_DIR, st.st_mtime_ns,
-                                            mode=stat.S_IFDIR | 0o755, dynamic=True), self.root)
+        for entry in os.scandir(self._dir_fd):
+            name = os.fsencode(entry.name)
+            if name.startswith(TMP_PREFIX.encode()):
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                fd = open_regular(entry.name, dir_fd=self._dir_fd, follow=False, expect=st)
+            except (OSError, RamfsError):
+                continue  # the scan after the drop says why, if it is still there
+            self._preopened[name] = (st.st_dev, st.st_ino, fd)
+
+    def mount_directory(self, path: str | None = None, *, convert_jobs: int = 1) -> None:
+        if getattr(self, "_dir_fd", None) is None:
+            self.open_directory(path, convert_jobs=convert_jobs)
+        st = os.fstat(self._dir_fd)
+        self._dir_owner = Owner.of(st)
+        self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, self._dir_owner, dynamic=True))
+        self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
+        self._not_images: dict[bytes, tuple] = {}
+        self._scanned_at = 0.0
+        # convert/ is where the backing directory's writers may write: it mirrors its owner
+        # and mode, write bits and sticky bit included, and the kernel checks them first.
+        self.convert_dir = self.add(DirNode(self.new_inode(), CONVERT_DIR, st.st_mtime_ns, self._dir_owner,
+                                            writable=True, dynamic=True), self.root)
         self.file(self.convert_dir, b"STATUS", st.st_mtime_ns, size=0,
                   dynamic_data=self.converter.status_text)
         self.rescan(force=True)
 
+    def rescan_due(self) -> bool:
+        return self.root is not None and time.monotonic() - getattr(self, "_scanned_at", 0.0) >= RESCAN_INTERVAL
+
     def rescan(self, force: bool = False) -> None:
-        """Bring the root in line with the backing directory (blocking: call off the loop)."""
+        """Bring the root in line with the backing directory (blocking: call off the loop).
+        One at a time: a rescan that finds another running leaves it the work, unless forced."""
         if self.root is None or not hasattr(self, "backing"):
             return
-        now = time.monotonic()
-        if not force and now - self._scanned_at < RESCAN_INTERVAL:
+        if not self._rescanning.acquire(blocking=force):
             return
-        self._scanned_at = now
-        seen: dict[bytes, tuple] = {}
         try:
-            it = os.scandir(self.backing)
+            now = time.monotonic()
+            if not force and now - self._scanned_at < RESCAN_INTERVAL:
+                return
+            self._scanned_at = now
+            self._rescan()
+        finally:
+            self._rescanning.release()
+
+    def _rescan(self) -> None:
+        try:
+            self._dir_owner.update(os.fstat(self._dir_fd))
+            it = os.scandir(self._dir_fd)
         except OSError as e:
             log.error("cannot list %s: %s", self.backing, e.strerror)
             return
+        seen: dict[bytes, tuple] = {}
         with it:
             for entry in it:
+                name = os.fsencode(entry.name)
+                if name.startswith(TMP_PREFIX.encode()):
+                    continue  # our own temporaries
                 try:
                     # Symlinks are never followed: nothing outside the directory is shown.
                     if not entry.is_file(follow_symlinks=False):
                         continue
                     st = entry.stat(follow_symlinks=False)
+                except PermissionError:
+                    # --user on a directory USER may list but not search: what was opened
+                    # before the drop is known by its descriptor; anything else says why.
+                    st = None
                 except OSError:
                     continue
-                name = os.fsencode(entry.name)
-                if name.startswith(TMP_PREFIX.encode()) or name == CONVERT_DIR:
-                    continue  # our own temporaries; the name of the convert directory
-                key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if name == CONVERT_DIR:
+                    if name not in self._not_images:
+                        log.warning("%s/convert is not shown: the name is taken by convert/", self.backing)
+                        self._not_images[name] = ()
+                    continue
                 old = self._entries.get(name)
+                if st is None:
+                    if old is not None:
+                        seen[name] = old[0]
+                        continue
+                    pre = self._preopened.get(name)
+                    st = os.fstat(pre[2]) if pre is not None else None
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else ("unreadable",)
                 if old is not None and old[0] == key:
                     seen[name] = key
+                    old[1].owner.update(st)  # chmod/chown: shown within a rescan
                     continue
-                if not _looks_like_image(entry.path):
+                if self._not_images.get(name) == key:
+                    continue
+                node = self._new_entry(name, st) if st is not None else self._unreadable(name)
+                if node is None:
+                    self._not_images[name] = key
                     continue
                 seen[name] = key
                 if old is not None:
                     self._drop(name)
-                d = DirNode(self.new_inode(), name, st.st_mtime_ns, populate=self._populate_image,
-                            dynamic=True, path=entry.path)
-                self._entries[name] = (key, d)
-                self.add(d, self.root)
+                self._entries[name] = (key, node)
+                self.add(node, self.root)
         for name in list(self._entries):
             if name not in seen:
                 self._drop(name)
+        for name in list(self._not_images):
+            if name not in seen and name != CONVERT_DIR:
+                self._not_images.pop(name, None)
+
+    def _unreadable(self, name: bytes) -> DirNode:
+        """An entry that cannot even be looked up as the user the mount reads as."""
+        path = os.path.join(self.backing, os.fsdecode(name))
+        d = DirNode(self.new_inode(), name, self.root.mtime_ns, self._dir_owner, dynamic=True, path=path)
+        who = f" (the mount reads images as {self.reader_name})" if self.reader_name else ""
+        self.file(d, b"ERROR", d.mtime_ns, data=f"cannot open {path}: Permission denied{who}\n".encode())
+        return d
+
+    def _new_entry(self, name: bytes, st: os.stat_result) -> DirNode | None:
+        """The directory of a new (or changed) image, its file opened now; None when the
+        entry is not a save image. A file we may not read shows with an ERROR."""
+        path = os.path.join(self.backing, os.fsdecode(name))
+        d = DirNode(self.new_inode(), name, st.st_mtime_ns, Owner.of(st), populate=self._populate_image,
+                    dynamic=True, path=path)
+        pre = self._preopened.pop(name, None)
+        if pre is not None and pre[:2] == (st.st_dev, st.st_ino):
+            fd = pre[2]
+        else:
+            if pre is not None:
+                os.close(pre[2])
+            try:
+                fd = open_regular(os.fsdecode(name), dir_fd=self._dir_fd, follow=False, expect=st, label=path)
+            except ImageIOError as e:
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    who = f" (the mount reads images as {self.reader_name})" if self.reader_name else ""
+                    d.populate = None
+                    self.file(d, b"ERROR", st.st_mtime_ns, data=f"{e}{who}\n".encode())
+                    return d
+                log.debug("%s: %s", path, e)
+                return None  # gone, swapped, a symlink now: the next scan sees what is there
+        try:
+            head = os.pread(fd, 16, 0)
+        except OSError:
+            head = b""
+        if not (head in (QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL) or head[:4] == QEMU_VM_FILE_MAGIC_BYTES):
+            os.close(fd)
+            return None
+        d.fd = fd
+        return d
 
     def _drop(self, name: bytes) -> None:
         _, d = self._entries.pop(name)
         if self.root.children.get(name) is d:
             del self.root.children[name]
+        with self._lock:
+            fd, d.fd = d.fd, None
+        if fd is not None:
+            os.close(fd)
         if self.on_entry_gone is not None:
             self.on_entry_gone(self.root.inode, name)
 
     def _populate_image(self, d: DirNode) -> None:
         path = d.path
+        with self._lock:
+            fd, d.fd = d.fd, None
+        if fd is None:  # dropped meanwhile
+            self.file(d, b"ERROR", d.mtime_ns, data=f"{path} was removed or replaced\n".encode())
+            return
         try:
-            img = self._open(path)
+            img = open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd, progress=self.progress)
         except RamfsError as e:
             log.warning("%s: %s", path, e)
             self.file(d, b"ERROR", d.mtime_ns, data=f"{e}\n".encode())
@@ -334,12 +541,3 @@ class Tree:
             return
         self.images.append(img)
         self.fill_image_dir(d, img, d.mtime_ns)
-
-
-def _looks_like_image(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return False
-    return head in (QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL) or head[:4] == QEMU_VM_FILE_MAGIC_BYTES

@@ -8,11 +8,49 @@ page cache nor evicts the pages that running VMs on the same host depend on.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
+import stat
 import threading
 
 from ramfs.errors import ImageIOError
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+def open_regular(path: str, *, dir_fd: int | None = None, follow: bool = True,
+                 expect: os.stat_result | None = None, label: str | None = None) -> int:
+    """Open a file to read as an image: a descriptor on a regular file, or ImageIOError.
+
+    ``O_NONBLOCK`` so that a FIFO never blocks the open (it is then refused by its type);
+    ``follow=False`` adds ``O_NOFOLLOW`` for entries of a directory someone else may write;
+    ``expect``: the ``lstat`` a listing showed, which must be the file opened (same device
+    and inode), so a name swapped between listing and opening is never read. Everything is
+    read through the returned descriptor from then on: the path is not looked up again.
+    """
+    label = label or path
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise ImageIOError(f"{label} is a symbolic link: not followed", e.errno) from None
+        raise ImageIOError(f"cannot open {label}: {e.strerror}", e.errno) from None
+    try:
+        st = os.fstat(fd)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind != stat.S_IFREG:
+            raise ImageIOError(f"{label} is {_KINDS.get(kind, 'not a regular file')}: ramfs reads "
+                               "save images from regular files", errno.EINVAL)
+        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            raise ImageIOError(f"{label} was replaced while it was opened: not read", errno.ESTALE)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _data_ranges(fd: int, start: int, end: int):
@@ -48,7 +86,7 @@ class FileSource:
     def __init__(self, path: str | os.PathLike, fd: int | None = None):
         self.path = os.fspath(path)
         try:
-            self.fd = fd if fd is not None else os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = fd if fd is not None else open_regular(self.path)
             st = os.fstat(self.fd)
         except OSError as e:
             raise ImageIOError(f"cannot open {self.path}: {e.strerror}", e.errno) from None
@@ -199,17 +237,14 @@ class DirectFileSource:
         if not o_direct:
             raise ImageIOError(f"cannot open {self.path} with O_DIRECT: not available on this "
                                f"platform", errno.EINVAL)
+        if fd is None:
+            fd = open_regular(self.path)
         try:
-            if fd is None:
-                self.fd = os.open(self.path, os.O_RDONLY | o_direct | os.O_CLOEXEC)
-            else:
-                import fcntl
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | o_direct)
-                self.fd = fd
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | o_direct)
+            self.fd = fd
             st = os.fstat(self.fd)
         except OSError as e:
-            if fd is None and self.fd >= 0:
-                os.close(self.fd)
+            os.close(fd)
             self.fd = -1
             if e.errno == errno.EINVAL:
                 raise ImageIOError(f"cannot open {self.path}: its file system does not support "

@@ -118,10 +118,11 @@ class PageIndex:
         meta = {"layout": layout_to_json(layout), "extra": extra,
                 "chunks": [sorted(ch) for ch in self.chunks]}
         blob = json.dumps(meta).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = atomic_tmp(path)
         try:
-            with open(tmp, "wb") as f:
+            # 0600: an index names the blocks and devices of someone's guest.
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as f:
                 f.write(_INDEX_HEAD.pack(INDEX_MAGIC, CACHE_FORMAT_VERSION, len(blob)))
                 f.write(blob)
                 for ch, bits in zip(self.chunks, self.bits):

@@ -494,11 +494,12 @@ def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings:
 
 
 def _raw_reader(path: str, src):
-    """A buffered file object on the image for a decompressor. By path when we may open it
-    (an O_DIRECT descriptor shares its flags with every dup); else through our descriptor
-    (mount --user: the path may be root's), without O_DIRECT."""
+    """A buffered file object on the image for a decompressor, through our descriptor (the
+    path is never looked up again: it may have been swapped, or not be ours to open under
+    --user). Reopened through /proc when possible, since an O_DIRECT descriptor shares its
+    flags with every dup; else a dup with O_DIRECT cleared."""
     try:
-        return open(path, "rb")
+        return open(f"/proc/self/fd/{src.fd}", "rb")
     except OSError:
         fd = os.dup(src.fd)
         if hasattr(os, "O_DIRECT"):
@@ -587,7 +588,7 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress
             raise RamfsError(f"{path}: reading a {fmt.label}-compressed image needs the cache")
         tmp = atomic_tmp(data_path)
         try:
-            data_path.parent.mkdir(parents=True, exist_ok=True)
+            data_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise CacheError(f"cannot create the decompression cache {tmp}: {e.strerror}") from None
