@@ -297,7 +297,7 @@ def _write_phys_view(args, as_core: bool) -> int:
             raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
         if as_core:
             core = ElfCore(view, cpus_of(img))
-            _write_sparse_view(core.size, core.read, None, args.out, "core", args.quiet)
+            _write_sparse_view(core.size, core.read, core.has_data, args.out, "core", args.quiet)
         else:
             _write_sparse_view(view.size, view.read, view.has_data, args.out, "phys", args.quiet)
     return EXIT_OK

@@ -301,8 +301,9 @@ class Tree:
         except RamfsError as e:
             log.warning("%s: no core.elf: %s", img.path, e)
             return
-        self.file(phys, b"core.elf", mtime, size=core.size, blocks=(core.size + 511) // 512,
-                  reader=core.read, stream=True, cached_reader=self._nowait(core.read))
+        self.file(phys, b"core.elf", mtime, size=core.size,
+                  blocks=sum(b - a for a, b in core.populated_ranges()) // 512, reader=core.read,
+                  has_data=core.has_data, stream=True, cached_reader=self._nowait(core.read))
 
     def _nowait(self, read: Callable[..., bytes]) -> Callable[[int, int], bytes] | None:
         """The page-cache-only variant of a view's reader, tried on the event loop first;

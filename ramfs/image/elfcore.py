@@ -1,6 +1,13 @@
 """An ELF64 core of guest-physical memory, in the layout of QEMU's ``dump-guest-memory``
 (no paging): PT_NOTE with one NT_PRSTATUS and one QEMU CPU-state note per vCPU, then one
-PT_LOAD per populated physical range (``p_paddr`` = ``p_vaddr`` = guest-physical address).
+PT_LOAD per guest-physical RAM range, zero pages included (``p_paddr`` = ``p_vaddr`` =
+guest-physical address), as QEMU writes it.
+
+Why whole ranges: tools read a core's PT_LOADs as the only memory there is. A page missing
+from them is "not in the dump" to Volatility (a task_struct with an all-zero page is skipped
+without a word) and a fatal read error to crash, whereas an all-zero page is a fact about the
+guest. The zero pages cost nothing: reads of them are answered with zeros, ``has_data`` says
+so (``ramfs core`` leaves them as holes), and ``populated_ranges`` lists what holds data.
 
 Served lazily: only the header and notes are built; a read past them goes to the image.
 Sources: QEMU 10.0 dump/dump.c (``write_elf64_header``, ``write_elf64_load``),
@@ -96,14 +103,9 @@ class ElfCore:
 
     def __init__(self, view: PhysView, cpus: list[Cpu]):
         self.view = view
-        segments = list(itertools.islice(view.populated_ranges(), MAX_LOADS + 1))
-        self.whole_ranges = len(segments) > MAX_LOADS
-        if self.whole_ranges:
-            # A fragmented guest (a page in use every few pages: real guests do that) has more
-            # populated ranges than program headers can list: QEMU's own layout then, one
-            # PT_LOAD per RAM range with its zero pages (they cost no disk: the reads of a
-            # hole are answered with zeros). Listing stops at the limit: bounded work.
-            segments = [(r.gpa, r.gpa + r.length) for r in view.map.ranges]  # in address order
+        segments = [(r.gpa, r.gpa + r.length) for r in view.map.ranges]  # in address order
+        if len(segments) > MAX_LOADS:
+            raise RamfsError(f"{len(segments)} guest-physical RAM ranges: more than an ELF core can list")
         lma = long_mode(cpus)
         status = prstatus if lma else prstatus_i386
         notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))
@@ -127,6 +129,35 @@ class ElfCore:
         self.header = ehdr + b"".join(phdrs) + notes
         self.size = off
         self.segments = segments
+
+    def _pieces(self, offset: int, end: int):
+        """``(file offset, length, guest-physical address)`` of the PT_LOAD data in [offset, end)."""
+        i = max(0, bisect.bisect_right(self._file_starts, offset) - 1)
+        while offset < end and i < len(self._segments):
+            fstart = self._file_starts[i]
+            gstart, gend = self._segments[i]
+            seg_end = fstart + (gend - gstart)
+            if offset < seg_end:
+                offset = max(offset, fstart)
+                n = min(end, seg_end) - offset
+                yield offset, n, gstart + offset - fstart
+                offset += n
+            i += 1
+
+    def has_data(self, offset: int, size: int) -> bool:
+        """False when ``[offset, offset+size)`` reads as zeros without I/O (a hole)."""
+        end = min(offset + size, self.size)
+        if offset < len(self.header):
+            return True
+        return any(self.view.has_data(gpa, n) for _, n, gpa in self._pieces(offset, end))
+
+    def populated_ranges(self):
+        """File ``(start, end)`` ranges that hold data: the header and notes, then the
+        populated guest-physical ranges where their PT_LOADs put them."""
+        yield 0, len(self.header)
+        for (gstart, gend), fstart in zip(self._segments, self._file_starts):
+            for a, b in self.view.populated_ranges(gstart, gend):
+                yield fstart + a - gstart, fstart + b - gstart
 
     def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
         """``nowait`` as for :meth:`Image.read`: only from the page cache, else WouldBlock."""

@@ -169,12 +169,17 @@ class PhysView:
                 return True
         return False
 
-    def populated_ranges(self) -> Iterator[tuple[int, int]]:
-        """Guest-physical ``(start, end)`` ranges that hold data, in address order."""
+    def populated_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Guest-physical ``(start, end)`` ranges that hold data, in address order (within
+        ``[start, end)`` when given)."""
+        end = self.size if end is None else end
         for r in self.map.ranges:
+            if r.gpa + r.length <= start or r.gpa >= end:
+                continue
             blk = self.image.blocks[r.block]
-            lo, hi = r.block_offset, r.block_offset + r.length
+            lo = r.block_offset + max(0, start - r.gpa)
+            hi = r.block_offset + min(r.length, end - r.gpa)
             for a, b in blk.populated_ranges(lo, hi):
                 a, b = max(a, lo), min(b, hi)
                 if a < b:
-                    yield r.gpa + a - lo, r.gpa + b - lo
+                    yield r.gpa + a - r.block_offset, r.gpa + b - r.block_offset
