@@ -73,14 +73,14 @@ def _scan_bar(quiet: bool = False):
     return Progress(None, "scanning", enabled=False if quiet else None)
 
 
-def _facts(path: str, quiet: bool = False) -> dict:
+def _facts(path: str, quiet: bool = False, placement=None) -> dict:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
     bar = _scan_bar(quiet)
     try:
         with open_image(path, reads=False, progress=bar.scanned) as img:
-            return describe(img)
+            return describe(img, placement=placement)
     finally:
         bar.done()
 
@@ -92,7 +92,7 @@ def cmd_info(args) -> int:
         status = EXIT_OK
         for path in args.image:
             try:
-                line = _facts(path, args.quiet)
+                line = _facts(path, args.quiet, _placement(args))
             except RamfsError as e:
                 line = {"path": path, "error": _utf8(str(e))}
                 status = EXIT_ERROR
@@ -103,7 +103,7 @@ def cmd_info(args) -> int:
         if n and not args.json:
             print()
         try:
-            facts = _facts(path, args.quiet)
+            facts = _facts(path, args.quiet, _placement(args))
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
@@ -199,13 +199,29 @@ def _versions() -> str:
 def cmd_check(args) -> int:
     from ramfs.image.describe import check
 
-    problems = check(args.image)
+    warnings: list[str] = []
+    problems = check(args.image, warnings=warnings, placement=_placement(args))
+    for w in warnings:
+        print(f"{_show(args.image)}: warning: {_show(w)}")
     if not problems:
         print(f"{_show(args.image)}: OK")
         return EXIT_OK
     for p in problems:
         print(f"{_show(args.image)}: {_show(p)}")
     return EXIT_PROBLEMS
+
+
+def _placement(args, own: dict | None = None):
+    """--below-4g, --numa and --device (or their -o forms) as a Placement."""
+    from ramfs.image.phys import Placement
+
+    own = own or {}
+    below = own.get("below_4g", getattr(args, "below_4g", None))
+    devices = list(getattr(args, "device", None) or [])
+    if own.get("device"):
+        devices.append(own["device"])
+    return Placement.parse(_parse_size(below) if below else None, own.get("numa", getattr(args, "numa", None)),
+                           devices)
 
 
 def cmd_convert(args) -> int:
@@ -283,16 +299,16 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
 def _write_phys_view(args, as_core: bool) -> int:
     from ramfs.image import open_image
     from ramfs.image.elfcore import ElfCore, cpus_of
-    from ramfs.image.phys import PhysView, phys_map
+    from ramfs.image.phys import PhysView
 
-    below = _parse_size(args.below_4g) if args.below_4g else None
+    placement = _placement(args)
     bar = _scan_bar(args.quiet)
     try:
         img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned)
     finally:
         bar.done()
     with img:
-        view = PhysView(img, phys_map(img, below))
+        view = PhysView(img, placement.map(img))
         if not view.map.ranges:
             raise RamfsError(f"{args.image}: no RAM block with a known guest-physical address")
         if as_core:
@@ -378,7 +394,8 @@ def cmd_core(args) -> int:
 
 
 # -o options that are ramfs's own (as in an fstab line), and the argument each one sets.
-RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "jobs": "jobs", "log": "log",
+RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "numa": "numa", "device": "device",
+                 "jobs": "jobs", "log": "log",
                  "debug": "debug", "foreground": "foreground", "allow_other": "allow_other",
                  "run_as": "user"}
 # Options mount(8), systemd or an fstab line may hand over that mean nothing to a FUSE mount:
@@ -396,7 +413,9 @@ def split_mount_options(groups: list[str] | None) -> tuple[list[str], dict[str, 
             key, eq, value = opt.partition("=")
             if not opt or opt in IGNORED_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
-            if key in RAMFS_OPTIONS:
+            if key == "device" and "device" in own:
+                own["device"] = f"{own['device']}:{value}"  # repeatable, like --device
+            elif key in RAMFS_OPTIONS:
                 own[RAMFS_OPTIONS[key]] = value if eq else True
             else:
                 fuse.append(opt)
@@ -411,13 +430,13 @@ def cmd_mount(args) -> int:
         jobs = int(own.get("jobs", args.jobs))
     except ValueError:
         raise RamfsError(f"-o jobs={own['jobs']}: not a number") from None
-    below = own.get("below_4g", args.below_4g)
+    placement = _placement(args, own)
     return mount(args.source, args.mountpoint, foreground=args.foreground or bool(own.get("foreground")),
                  debug=args.debug or bool(own.get("debug")), options=fuse_opts,
                  allow_other=args.allow_other or bool(own.get("allow_other")),
                  direct_io=args.direct_io or bool(own.get("direct_io")),
                  log_file=own.get("log") or args.log, jobs=jobs,
-                 below_4g=_parse_size(below) if below else None, systemd=args.systemd,
+                 placement=placement, systemd=args.systemd,
                  user=own.get("user") or args.user, quiet=args.quiet)
 
 
@@ -448,7 +467,8 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
                    help="mount options, as in fstab: FUSE's (ro, allow_other, ...) and ramfs's own "
-                   "(direct_io, below_4g=SIZE, jobs=N, log=FILE, run_as=USER, debug, foreground)")
+                   "(direct_io, below_4g=SIZE, numa=ID:ID, device=ID@ADDR, jobs=N, log=FILE, run_as=USER, "
+                   "debug, foreground)")
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--direct-io", action="store_true",
@@ -466,7 +486,19 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
                    "mounted and STOPPING=1 on unmount, log to the journal (docs/ramfs@.service)")
     s.add_argument("--below-4g", metavar="SIZE",
                    help="RAM below 4 GiB in phys/ when the guest ran with max-ram-below-4g (e.g. 2G)")
+    add_placement_arguments(s)
     s.set_defaults(func=cmd_mount)
+
+
+def add_placement_arguments(s: argparse.ArgumentParser) -> None:
+    """What phys/ needs to know and a bare stream does not record (a libvirt image's domain
+    XML does): NUMA node order, memory device addresses."""
+    s.add_argument("--numa", metavar="ID:ID...",
+                   help="the RAM blocks of the NUMA nodes in node order (e.g. ram-node0:ram-node1), for a "
+                   "bare stream of a guest with -numa memdev=; libvirt images say it in their domain XML")
+    s.add_argument("--device", action="append", metavar="ID@ADDR",
+                   help="place the RAM block ID (a DIMM's backend, e.g. memdimm0) at guest-physical ADDR; "
+                   "repeatable")
 
 
 MOUNT_EPILOG = """examples:
@@ -501,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     out.add_argument("--jsonl", action="store_true", help="one compact JSON object per line and image; an "
                      "image that cannot be read gives {\"path\": ..., \"error\": ...}")
+    add_placement_arguments(s)
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("ls", help="list the RAM blocks like ls -l", description="List the RAM blocks of "
                        "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
@@ -516,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  for f in /var/lib/libvirt/qemu/save/*.save; do ramfs check \"$f\"; done",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("image")
+    add_placement_arguments(s)
     s.set_defaults(func=cmd_check)
     s = sub.add_parser("convert", help="convert a sequential image to mapped-ram (libvirt 'sparse')",
                        description="Convert a sequential save image (bare or libvirt, raw or compressed) "
@@ -556,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("image")
         s.add_argument("out")
         s.add_argument("--below-4g", metavar="SIZE", help="override the RAM split (max-ram-below-4g)")
+        add_placement_arguments(s)
         s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         s.set_defaults(func=fn)

@@ -150,3 +150,105 @@ def parse_metadata(source: Source, *, allow_partial: bool = False) -> LibvirtMet
         xml = _c_string(source, base, header.data_len, "domain XML")
         cookie = None
     return LibvirtMetadata(header=header, domain_xml=xml, cookie_xml=cookie)
+
+
+# -- the memory layout the domain XML records ------------------------------------------------
+# libvirt's scaled units (virScaleInteger, conf/domain_conf.c virDomainParseMemory): the
+# default for memory elements is KiB.
+_UNITS = {"b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+          "mb": 1000 ** 2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000 ** 3, "t": 1 << 40, "tib": 1 << 40,
+          "tb": 1000 ** 4, "p": 1 << 50, "pib": 1 << 50, "pb": 1000 ** 5, "e": 1 << 60, "eib": 1 << 60,
+          "eb": 1000 ** 6}
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    """``<cpu><numa><cell id= memory=>``: guest NUMA node ``id``, backed by the memory
+    backend libvirt names ``ram-node<id>`` (qemuBuildMemoryCellBackendProps) and given to
+    ``-numa node,nodeid=<id>,memdev=ram-node<id>``."""
+
+    id: int
+    memory: int  # bytes
+
+    @property
+    def backend_id(self) -> str:
+        return f"ram-node{self.id}"
+
+
+@dataclass(frozen=True)
+class MemoryDevice:
+    """``<devices><memory model=...>``: a DIMM, NVDIMM, virtio-mem, ... with what the XML
+    says of its place. libvirt names a dimm/nvdimm's alias after its slot
+    (qemu_alias.c qemuDeviceMemoryGetAliasID: ``dimm<slot>``) and its backend ``mem<alias>``
+    (qemuBuildMemoryBackendProps), which is the RAM block's idstr in the stream."""
+
+    model: str
+    alias: str | None
+    size: int | None
+    base: int | None  # guest-physical address: <address type='dimm' base=> or <target><address base=>
+    slot: int | None
+
+    @property
+    def backend_id(self) -> str | None:
+        alias = self.alias
+        if alias is None and self.model in ("dimm", "nvdimm") and self.slot is not None:
+            alias = f"{self.model}{self.slot}"
+        return f"mem{alias}" if alias else None
+
+
+@dataclass(frozen=True)
+class DomainMemory:
+    cells: tuple[NumaCell, ...]
+    devices: tuple[MemoryDevice, ...]
+
+
+def _scaled(value: str | None, unit: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value, 0) * _UNITS[(unit or "KiB").lower()]
+    except (ValueError, KeyError):
+        return None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value, 0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def domain_memory(xml: str) -> DomainMemory | None:
+    """The NUMA cells and memory devices of a domain XML; None when it is not readable XML.
+
+    Only what the XML states is returned (no defaults are guessed): a cell without an id or a
+    size, or a device without an address, is kept with ``None`` where the XML is silent.
+    """
+    import xml.etree.ElementTree as ET  # the stdlib parser resolves no external entities
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    cells = []
+    for cell in root.findall("./cpu/numa/cell"):
+        cid, mem = _int(cell.get("id")), _scaled(cell.get("memory"), cell.get("unit"))
+        if cid is not None and mem is not None:
+            cells.append(NumaCell(cid, mem))
+    devices = []
+    for m in root.findall("./devices/memory"):
+        size = m.find("./target/size")
+        addr = m.find("./address")
+        base = slot = None
+        if addr is not None and addr.get("type") == "dimm":
+            base, slot = _int(addr.get("base")), _int(addr.get("slot"))
+        taddr = m.find("./target/address")
+        if base is None and taddr is not None:
+            base = _int(taddr.get("base"))
+        alias = m.find("./alias")
+        devices.append(MemoryDevice(
+            model=m.get("model") or "", alias=alias.get("name") if alias is not None else None,
+            size=_scaled(size.text.strip() if size is not None and size.text else None,
+                         size.get("unit") if size is not None else None),
+            base=base, slot=slot))
+    return DomainMemory(tuple(sorted(cells, key=lambda c: c.id)), tuple(devices))

@@ -57,7 +57,7 @@ def _is_mountpoint(path: str) -> bool:
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
-          below_4g: int | None = None, systemd: bool = False, user: str | None = None,
+          below_4g: int | None = None, placement=None, systemd: bool = False, user: str | None = None,
           quiet: bool = False) -> int:
     import pyfuse3
     import trio
@@ -82,7 +82,7 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     account = _account(user) if user else None
     if account is not None and cache is None:
         cache = _user_cache(account)
-    tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g)
+    tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g, placement=placement)
     tree.mountpoint = mountpoint
     tree.reader_name = account.pw_name if account is not None else None
     # Opened here, as whoever started us (root for --user): the files are then read through

@@ -45,7 +45,7 @@ from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
 from ramfs.image.elfcore import ElfCore, cpus_of
 from ramfs.image.files import open_regular
-from ramfs.image.phys import PhysView, phys_map
+from ramfs.image.phys import PhysView, Placement
 
 log = logging.getLogger("ramfs.fs")
 
@@ -146,14 +146,16 @@ class FileNode(Node):
 class Tree:
     """The inode table and the nodes of one mount."""
 
-    def __init__(self, *, direct_io: bool = False, cache: str | None = None, below_4g: int | None = None):
+    def __init__(self, *, direct_io: bool = False, cache: str | None = None, below_4g: int | None = None,
+                 placement: Placement | None = None):
         self.nodes: dict[int, Node] = {}
         self._next = ROOT_INODE
         self._lock = threading.Lock()
         self.direct_io = direct_io
         self.cache = cache
         self.progress = None  # progress(done, total) while an image is first opened
-        self.below_4g = below_4g
+        # Where phys/ places the RAM blocks, beyond what an image records (--below-4g, --numa, --device).
+        self.placement = placement if placement is not None else Placement(below_4g)
         self.images: list[Image] = []
         self.root: DirNode | None = None
         self.convert_dir: DirNode | None = None  # directory mode only
@@ -270,7 +272,7 @@ class Tree:
         self._fill_cpus(d, img, mtime)
         self._fill_phys(d, img, maps, mtime)
         self._fill_export(d, img, mtime)
-        facts = json.dumps(describe(img, below_4g=self.below_4g), indent=2).encode() + b"\n"
+        facts = json.dumps(describe(img, placement=self.placement), indent=2).encode() + b"\n"
         self.file(d, b"image.json", mtime, data=facts)
         if img.layout.vmdesc is not None:
             self.file(d, b"devices.json", mtime, data=img.layout.vmdesc)
@@ -282,7 +284,7 @@ class Tree:
     def _fill_phys(self, d: DirNode, img: Image, maps: DirNode, mtime: int) -> None:
         """phys/memory (guest-physical addresses) and phys/core.elf, when the machine is known."""
         try:
-            pmap = phys_map(img, self.below_4g)
+            pmap = self.placement.map(img)
         except RamfsError as e:  # e.g. a --below-4g that makes ranges overlap: no phys/ only
             log.warning("%s: no phys/: %s", img.path, e)
             return

@@ -13,7 +13,7 @@ from ramfs.image.model import Image, domain_identity, open_image
 INFO_SCHEMA_VERSION = 1
 
 
-def describe(image: Image, below_4g: int | None = None) -> dict:
+def describe(image: Image, below_4g: int | None = None, placement=None) -> dict:
     layout = image.layout
     lv = image.libvirt
     warnings = list(image.warnings)
@@ -86,18 +86,24 @@ def describe(image: Image, below_4g: int | None = None) -> dict:
         ],
         "devices": None if devices is None else [
             {"name": d.name, "instance_id": d.instance_id, "version": d.version} for d in devices],
-        "phys": _phys(image, below_4g, warnings),
+        "phys": _phys(image, placement if placement is not None else _placement(below_4g), warnings),
         "warnings": warnings,
     }
 
 
-def _phys(image: Image, below_4g: int | None, warnings: list[str]) -> dict | None:
-    from ramfs.image.phys import phys_map
+def _placement(below_4g: int | None):
+    from ramfs.image.phys import Placement
+    return Placement(below_4g)
+
+
+def _phys(image: Image, placement, warnings: list[str]) -> dict | None:
     try:
-        return phys_map(image, below_4g).as_json()
+        pmap = placement.map(image)
     except RamfsError as e:
         warnings.append(str(e))
         return None
+    warnings.extend(pmap.warnings)  # a guest-physical layout ramfs cannot know: said, not guessed
+    return pmap.as_json()
 
 
 def _devices(image: Image):
@@ -114,12 +120,15 @@ def _devices(image: Image):
     return devices, problems
 
 
-def check(path: str, *, cache=None, use_cache: bool = False) -> list[str]:
+def check(path: str, *, cache=None, use_cache: bool = False, warnings: list[str] | None = None,
+          placement=None) -> list[str]:
     """Validate an image's structure; return every problem found (empty: the image is sound).
 
     A structural error stops the walk (what follows cannot be located), so it is the last
     problem listed; findings QEMU would tolerate (1 MiB misalignment, stray bitmap bits,
     a missing VM description, an unfinished libvirt save) are listed and the walk goes on.
+    ``warnings`` receives what is sound but cannot be known from the image (a NUMA guest's
+    node order without its domain XML): nothing wrong with the image, said all the same.
     """
     problems: list[str] = []
     try:
@@ -128,6 +137,11 @@ def check(path: str, *, cache=None, use_cache: bool = False) -> list[str]:
             if img.layout.vmdesc is None and img.layout.eof_offset is not None:
                 problems.append("no VM description (vmdesc) after QEMU_VM_EOF")
             problems.extend(_devices(img)[1])
+            if warnings is not None:
+                try:
+                    warnings.extend((placement if placement is not None else _placement(None)).map(img).warnings)
+                except RamfsError as e:
+                    problems.append(str(e))
     except RamfsError as e:
         problems.append(str(e))
     return problems
