@@ -18,6 +18,9 @@ writes:
 Every derived image is then restored once more and compared with the ground
 truth before the build counts as done, so a cached image is a proven one.
 
+``build_linux`` does the same for a diskless Linux guest (Debian 12's kernel and
+busybox, see ``LinuxRecipe``), with QEMU's ``dump-guest-memory`` as the truth.
+
 Only the standard library is used, and ``ramfs`` is deliberately not
 imported: this module is the independent referee for ramfs.
 
@@ -38,15 +41,19 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -939,6 +946,439 @@ def _build_into(directory: Path, recipe: Recipe) -> None:
                          IMAGE_FILES['mapped_ram']: list(MAPPED_RAM_CAPABILITIES),
                          IMAGE_FILES['mapped_ram_multifd']: list(MAPPED_RAM_MULTIFD_CAPABILITIES)},
         'multifd_channels': MULTIFD_CHANNELS,
+        'build_seconds': round(time.monotonic() - started, 3),
+        'build_steps_seconds': steps,
+        'built_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    }
+    images.recipe_json.write_text(json.dumps(info, indent=1) + '\n')
+    (directory / DONE_MARKER).write_text('done\n')
+
+
+# ------------------------------------------------------------- Linux guest
+#
+# For what only a real kernel does, e.g. publishing its VMCOREINFO ELF note through
+# the vmcoreinfo device: a diskless Linux guest booted with -kernel/-initrd.
+# Kernel: Debian 12's own (the package linux-image-amd64 depends on), userland:
+# busybox-static, both fetched with 'apt-get download' while building; only the
+# boot files and the images are kept. Under TCG, because KVM rewrites the kvmclock
+# page of a restored Linux guest (restored RAM would not be byte-exact) and TCG
+# makes the same guest state twice; the boot takes ~10 s here.
+
+LINUX_GENERATOR_VERSION = 1
+KERNEL_METAPACKAGE = 'linux-image-amd64'
+BUSYBOX_PACKAGE = 'busybox-static'
+FW_CFG_MODULE = 'qemu_fw_cfg'
+LINUX_READY_MARKER = 'RAMFS-LINUX-GUEST-READY'
+LINUX_BOOT_TIMEOUT = 300.0     # kernel boot to the marker (TCG: ~10 s unloaded)
+APT_TIMEOUT = 600.0            # one apt-get/apt-cache call
+GUEST_DUMP_TIMEOUT = 300.0     # one dump-guest-memory of the whole RAM
+
+LINUX_FILES = {
+    'kernel': 'vmlinuz',
+    'initrd': 'initrd.cpio',
+    'sequential': 'sequential.img',
+    'mapped_ram': 'mapped-ram.img',
+    'dump_head': 'qemu-dump-head.bin',
+    'recipe_json': 'recipe.json',
+}
+
+# The init of the guest's initramfs. Loading qemu_fw_cfg makes the kernel write
+# its VMCOREINFO note's address and size to fw_cfg etc/vmcoreinfo (drivers/
+# firmware/qemu_fw_cfg.c fw_cfg_write_vmcoreinfo, when QEMU has the vmcoreinfo
+# device and fw_cfg DMA); the probe runs inside insmod, so the note is published
+# before the marker is printed.
+LINUX_INIT = '''#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+%(insmod)s
+if [ -e /sys/firmware/qemu_fw_cfg/by_name/etc/vmcoreinfo ]; then v=yes; else v=no; fi
+echo "%(marker)s fw_cfg-vmcoreinfo=$v"
+while :; do /bin/busybox sleep 3600; done
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class LinuxRecipe:
+    """A diskless Linux guest: everything that determines its images (and cache key)."""
+
+    machine: Literal['pc', 'q35'] = 'q35'
+    ram_mib: int = 256
+    vmcoreinfo: bool = True      # -device vmcoreinfo
+    fw_cfg_module: bool = True   # init loads qemu_fw_cfg (so the kernel writes etc/vmcoreinfo)
+    append: str = 'console=ttyS0 panic=-1'
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_mib * MIB
+
+    @property
+    def publishes_vmcoreinfo(self) -> bool:
+        return self.vmcoreinfo and self.fw_cfg_module
+
+
+LINUX_Q35_VMCOREINFO = LinuxRecipe()
+
+
+@dataclasses.dataclass(frozen=True)
+class LinuxGuestImages:
+    """The cached files of one built ``LinuxRecipe``.
+
+    ``dump_head`` is the start of QEMU's ``dump-guest-memory`` (ELF, no paging) of
+    the original guest, stopped just before it was saved: ELF header, section and
+    program headers and the whole PT_NOTE segment, up to the first PT_LOAD's data.
+    The build proved that QEMUs restoring ``sequential`` and ``mapped_ram`` dump
+    byte-identical files (see ``dump_restored``).
+    """
+
+    recipe: LinuxRecipe
+    directory: Path
+    kernel: Path
+    initrd: Path
+    sequential: Path
+    mapped_ram: Path
+    dump_head: Path
+    recipe_json: Path
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.recipe_json.read_text())
+
+    def machine_args(self, serial: str = 'null') -> MachineArgs:
+        return linux_machine_args(self.recipe, self.kernel, self.initrd, serial)
+
+
+def linux_machine_args(recipe: LinuxRecipe, kernel: Path, initrd: Path,
+                       serial: str = 'null') -> MachineArgs:
+    """The guest's command line. QEMUs restoring its images get the same one (the
+    -kernel option ROM is a RAM block of its own, the serial port has migrated
+    state), with the serial port's backend ``null``."""
+    args = ('-accel', 'tcg', '-cpu', 'qemu64',
+            '-machine', recipe.machine, '-m', '%dM' % recipe.ram_mib, '-smp', '1',
+            '-nodefaults', '-no-user-config', '-display', 'none',
+            '-kernel', os.fspath(kernel), '-initrd', os.fspath(initrd),
+            '-append', recipe.append, '-serial', serial)
+    if recipe.vmcoreinfo:
+        args += ('-device', 'vmcoreinfo')
+    return MachineArgs(args=args, ram_bytes=recipe.ram_bytes)
+
+
+def linux_cache_key(recipe: LinuxRecipe) -> str:
+    material = '\n'.join([repr(recipe), qemu_version(), LINUX_INIT,
+                          'linux generator %d' % LINUX_GENERATOR_VERSION])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def linux_cache_dir(recipe: LinuxRecipe) -> Path:
+    return cache_root() / ('linux-%s' % linux_cache_key(recipe)[:16])
+
+
+def _linux_images_in(directory: Path, recipe: LinuxRecipe) -> LinuxGuestImages:
+    return LinuxGuestImages(recipe=recipe, directory=directory,
+                            **{field: directory / name for field, name in LINUX_FILES.items()})
+
+
+def _linux_is_complete(images: LinuxGuestImages) -> bool:
+    return (images.directory / DONE_MARKER).is_file() and all(
+        getattr(images, field).is_file() for field in LINUX_FILES)
+
+
+def build_linux(recipe: LinuxRecipe = LINUX_Q35_VMCOREINFO) -> LinuxGuestImages:
+    """The images of a Linux guest, built on a cache miss (as ``build`` does for
+    firmware recipes: temporary sibling directory, renamed when DONE, flock)."""
+    final = linux_cache_dir(recipe)
+    images = _linux_images_in(final, recipe)
+    if _linux_is_complete(images):
+        return images
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
+        if _linux_is_complete(images):
+            return images
+        for stale in final.parent.glob(final.name + '.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
+        try:
+            _build_linux_into(work, recipe)
+            work.chmod(CACHE_DIR_MODE)
+            os.rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return images
+
+
+def _run_tool(argv: Sequence[str], cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True,
+                                timeout=APT_TIMEOUT, check=False)
+    except FileNotFoundError as exc:
+        raise QemuError('%s is not installed (the Linux test guest is built from Debian '
+                        'packages)' % argv[0]) from exc
+    if result.returncode:
+        raise QemuError('%s failed (exit %d); the Linux test guest needs Debian 12 package '
+                        'lists (apt-get update, as scripts/install-deps.sh does): %s'
+                        % (' '.join(argv), result.returncode, result.stderr.strip()[-2000:]))
+    return result.stdout
+
+
+def kernel_package() -> str:
+    """The versioned kernel package Debian's linux-image-amd64 depends on."""
+    out = _run_tool(['apt-cache', 'depends', '--important', KERNEL_METAPACKAGE])
+    for line in out.splitlines():
+        key, _, value = line.strip().partition(':')
+        if key.strip('|') == 'Depends' and value.strip().startswith('linux-image-'):
+            return value.strip()
+    raise QemuError('apt-cache depends %s names no linux-image- package:\n%s'
+                    % (KERNEL_METAPACKAGE, out))
+
+
+def _apt_download(package: str, directory: Path) -> Path:
+    _run_tool(['apt-get', 'download', package], cwd=directory)
+    debs = sorted(directory.glob(package + '_*.deb'))
+    if len(debs) != 1:
+        raise QemuError('apt-get download %s left %s in %s' % (package, debs, directory))
+    return debs[0]
+
+
+def _deb_members(deb: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """The regular files of a .deb whose paths ``wanted`` accepts, read in one
+    stream (dpkg-deb --fsys-tarfile): nothing else of the package is unpacked."""
+    out: dict[str, bytes] = {}
+    with subprocess.Popen(['dpkg-deb', '--fsys-tarfile', os.fspath(deb)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        with tarfile.open(fileobj=proc.stdout, mode='r|') as tar:
+            for member in tar:
+                name = member.name.lstrip('.').lstrip('/')
+                if member.isfile() and wanted(name):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    out[name] = handle.read()
+        stderr = proc.stderr.read() if proc.stderr else b''
+    if proc.returncode:
+        raise QemuError('dpkg-deb --fsys-tarfile %s failed: %s' % (deb, stderr.decode(errors='replace')))
+    return out
+
+
+def _module_bytes(name: str, data: bytes) -> bytes:
+    """A kernel module as busybox insmod takes it: uncompressed."""
+    if name.endswith('.ko'):
+        return data
+    if name.endswith('.ko.xz'):
+        return lzma.decompress(data)
+    if name.endswith('.ko.gz'):
+        return gzip.decompress(data)
+    if name.endswith('.ko.zst'):
+        return subprocess.run(['zstd', '-dc'], input=data, capture_output=True, check=True,
+                              timeout=APT_TIMEOUT).stdout
+    raise QemuError('unknown kernel module compression: %s' % name)
+
+
+def _modinfo(module: bytes, key: str) -> str | None:
+    """A ``key=value`` string of the module's .modinfo section (found by content)."""
+    needle = b'\0' + key.encode() + b'='
+    at = module.find(needle)
+    if at < 0:
+        return None
+    end = module.index(b'\0', at + 1)
+    return module[at + len(needle):end].decode()
+
+
+def newc_archive(entries: Sequence[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
+    """A cpio archive in the "newc" format the kernel unpacks as initramfs.
+
+    ``entries``: (path without leading slash, st_mode, data (a symlink's target),
+    (major, minor) of a device node). Owner root, mtime 0.
+    """
+    out = bytearray()
+
+    def add(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int]) -> None:
+        encoded = name.encode() + b'\0'
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        out.extend(b'070701' + b''.join(b'%08X' % v for v in fields) + encoded)
+        out.extend(bytes(-len(out) % 4))
+        out.extend(data)
+        out.extend(bytes(-len(out) % 4))
+
+    for ino, (name, mode, data, rdev) in enumerate(entries, start=1):
+        add(ino, name, mode, data, rdev)
+    add(0, 'TRAILER!!!', 0, b'', (0, 0))
+    return bytes(out)
+
+
+def _make_boot_files(directory: Path, recipe: LinuxRecipe, scratch: Path) -> dict[str, Any]:
+    """Write the kernel and the initramfs into ``directory``; return what went in."""
+    debs = scratch / 'debs'
+    debs.mkdir()
+    kpkg = kernel_package()
+    kdeb = _apt_download(kpkg, debs)
+    bdeb = _apt_download(BUSYBOX_PACKAGE, debs)
+    module_names = tuple('/%s.ko%s' % (FW_CFG_MODULE, ext) for ext in ('', '.xz', '.gz', '.zst'))
+    kfiles = _deb_members(kdeb, lambda n: (n.startswith('boot/vmlinuz-')
+                                           or (n.startswith('lib/modules/') and n.endswith(module_names))))
+    kernels = [n for n in kfiles if n.startswith('boot/vmlinuz-')]
+    modules = [n for n in kfiles if n.startswith('lib/modules/')]
+    if len(kernels) != 1 or len(modules) != 1:
+        raise QemuError('%s: expected one boot/vmlinuz-* and one %s module, found %s'
+                        % (kdeb.name, FW_CFG_MODULE, sorted(kfiles)))
+    busybox = _deb_members(bdeb, lambda n: n == 'bin/busybox').get('bin/busybox')
+    if busybox is None:
+        raise QemuError('%s has no bin/busybox' % bdeb.name)
+    module = _module_bytes(modules[0], kfiles[modules[0]])
+    depends = _modinfo(module, 'depends')
+    if depends:  # none for Debian 12's; loading them too is not implemented
+        raise QemuError('%s depends on %s' % (modules[0], depends))
+    insmod = '/bin/busybox insmod /%s.ko' % FW_CFG_MODULE if recipe.fw_cfg_module else ':'
+    init = LINUX_INIT % {'insmod': insmod, 'marker': LINUX_READY_MARKER}
+    directory_mode, file_mode, exe_mode = 0o40755, 0o100644, 0o100755
+    entries = [('dev', directory_mode, b'', (0, 0)),
+               ('dev/console', 0o20600, b'', (5, 1)),  # the kernel opens it for init's stdio
+               ('bin', directory_mode, b'', (0, 0)),
+               ('bin/busybox', exe_mode, busybox, (0, 0)),
+               ('bin/sh', 0o120777, b'busybox', (0, 0)),
+               ('proc', directory_mode, b'', (0, 0)),
+               ('sys', directory_mode, b'', (0, 0)),
+               ('init', exe_mode, init.encode(), (0, 0)),
+               ('%s.ko' % FW_CFG_MODULE, file_mode, module, (0, 0))]
+    (directory / LINUX_FILES['kernel']).write_bytes(kfiles[kernels[0]])
+    (directory / LINUX_FILES['initrd']).write_bytes(newc_archive(entries))
+    shutil.rmtree(debs)
+    return {'kernel_deb': kdeb.name, 'busybox_deb': bdeb.name, 'kernel': kernels[0],
+            'module': modules[0], 'module_vermagic': _modinfo(module, 'vermagic')}
+
+
+def wait_for_serial(qemu: QemuProcess, serial: Path, marker: str, timeout: float) -> str:
+    """Poll the guest's serial log until a line contains ``marker``; return that line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            for line in serial.read_bytes().decode('utf-8', 'replace').splitlines():
+                if marker in line:
+                    return line
+        if qemu.process.poll() is not None:
+            raise QemuError('the guest exited before printing %r\n%s' % (marker, qemu.describe()))
+        if time.monotonic() > deadline:
+            tail = serial.read_bytes()[-STDERR_TAIL_BYTES:].decode('utf-8', 'replace') \
+                if serial.exists() else '(no serial output)'
+            raise QemuTimeoutError('no %r on the serial console after %.0f s; it ends with:\n%s'
+                                   % (marker, timeout, tail))
+        time.sleep(POLL_INTERVAL * 4)
+
+
+def dump_guest_memory(qemu: QemuProcess, path: str | os.PathLike[str]) -> Path:
+    """QMP dump-guest-memory, ELF, no paging (the layout ramfs's core.elf follows)."""
+    previous = qemu.qmp.command_timeout
+    qemu.qmp.command_timeout = max(previous, GUEST_DUMP_TIMEOUT)
+    try:
+        qemu.qmp.execute('dump-guest-memory', {'paging': False,
+                                               'protocol': 'file:%s' % os.path.abspath(path)})
+    finally:
+        qemu.qmp.command_timeout = previous
+    return Path(path)
+
+
+def elf_dump_head(path: str | os.PathLike[str]) -> bytes:
+    """The start of an ELF64 core up to the first PT_LOAD's data: headers and notes."""
+    with open(path, 'rb') as f:
+        ehdr = f.read(64)
+        if ehdr[:5] != b'\x7fELF\x02':
+            raise QemuError('%s is not an ELF64 file' % path)
+        phoff, = struct.unpack_from('<Q', ehdr, 32)
+        phnum, = struct.unpack_from('<H', ehdr, 56)
+        f.seek(phoff)
+        phdrs = f.read(56 * phnum)
+        loads = [struct.unpack_from('<Q', phdrs, 56 * i + 8)[0] for i in range(phnum)
+                 if struct.unpack_from('<I', phdrs, 56 * i)[0] == 1]
+        end = min(loads) if loads else os.fstat(f.fileno()).st_size
+        f.seek(0)
+        return f.read(end)
+
+
+def dump_restored(images: LinuxGuestImages, image: Path, capabilities: Sequence[str],
+                  out_path: str | os.PathLike[str]) -> Path:
+    """Restore ``image`` in a fresh, never-started QEMU and dump-guest-memory it to
+    ``out_path`` (as big as RAM: the caller deletes it)."""
+    args = images.machine_args()
+    with _scratch_dir() as scratch, _start(args, scratch, 'dump', incoming=True) as qemu:
+        qemu.load(image, capabilities)
+        return dump_guest_memory(qemu, out_path)
+
+
+def _has_vmcoreinfo_note(head: bytes) -> bool:
+    return b'VMCOREINFO\0' in head and b'OSRELEASE=' in head
+
+
+def _build_linux_into(directory: Path, recipe: LinuxRecipe) -> None:
+    started = time.monotonic()
+    images = _linux_images_in(directory, recipe)
+    steps: dict[str, float] = {}
+
+    def step_done(name: str, since: float) -> float:
+        now = time.monotonic()
+        steps[name] = round(now - since, 3)
+        return now
+
+    source_dump = directory / 'source.elf'  # as big as RAM: removed below
+    check_dump = directory / 'check.elf'
+    with _scratch_dir() as scratch:
+        t = time.monotonic()
+        packages = _make_boot_files(directory, recipe, scratch)
+        t = step_done('download packages + kernel + initramfs', t)
+
+        # 1. The original guest: boot to the marker, stop, QEMU's dump, sequential save.
+        serial = scratch / 'serial.log'
+        args = linux_machine_args(recipe, images.kernel, images.initrd,
+                                  serial='file:' + os.fspath(serial))
+        with _start(args, scratch, 'source') as source:
+            ready = wait_for_serial(source, serial, LINUX_READY_MARKER, LINUX_BOOT_TIMEOUT)
+            t = step_done('boot', t)
+            source.qmp.execute('stop')
+            kvm = source.qmp.execute('query-kvm')
+            machine_type = source.qmp.execute('qom-get', path='/machine', property='type')
+            dump_guest_memory(source, source_dump)
+            source.save(images.sequential)
+        boot_log = serial.read_bytes().decode('utf-8', 'replace')
+        t = step_done('source dump + sequential save', t)
+        want = 'fw_cfg-vmcoreinfo=%s' % ('yes' if recipe.publishes_vmcoreinfo else 'no')
+        if want not in ready:
+            raise QemuError('the guest said %r, expected %r\n%s' % (ready, want, boot_log[-4000:]))
+        head = elf_dump_head(source_dump)
+        if _has_vmcoreinfo_note(head) != recipe.publishes_vmcoreinfo:
+            raise QemuError('QEMU\'s dump of %r %s a VMCOREINFO note' % (
+                recipe, 'lacks' if recipe.publishes_vmcoreinfo else 'has'))
+        images.dump_head.write_bytes(head)
+
+        # 2. mapped-ram from a fresh QEMU that restored the sequential image; its
+        #    dump must equal the original's byte for byte.
+        with _start(images.machine_args(), scratch, 'resave', incoming=True) as resave:
+            resave.load(images.sequential)
+            dump_guest_memory(resave, check_dump)
+            _check_same(check_dump, source_dump, 'QEMU\'s dump after restoring %s'
+                        % images.sequential.name)
+            resave.save(images.mapped_ram, MAPPED_RAM_CAPABILITIES)
+        t = step_done('restore + dump + mapped-ram save', t)
+
+        # 3. The mapped-ram image restores to the same dump.
+        dump_restored(images, images.mapped_ram, MAPPED_RAM_CAPABILITIES, check_dump)
+        _check_same(check_dump, source_dump, 'QEMU\'s dump after restoring %s'
+                    % images.mapped_ram.name)
+        t = step_done('verify ' + images.mapped_ram.name, t)
+    source_dump.unlink()
+    check_dump.unlink()
+
+    info = {
+        'linux_generator_version': LINUX_GENERATOR_VERSION,
+        'qemu_version': qemu_version(),
+        'cache_key': linux_cache_key(recipe),
+        'recipe': dataclasses.asdict(recipe),
+        'ram_bytes': recipe.ram_bytes,
+        'machine_type': machine_type,
+        'accelerator': 'kvm' if kvm.get('enabled') else 'tcg',
+        'packages': packages,
+        'ready_line': ready.strip(),
+        'capabilities': {LINUX_FILES['sequential']: [],
+                         LINUX_FILES['mapped_ram']: list(MAPPED_RAM_CAPABILITIES)},
         'build_seconds': round(time.monotonic() - started, 3),
         'build_steps_seconds': steps,
         'built_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),

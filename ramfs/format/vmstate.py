@@ -795,7 +795,60 @@ def _cpu(d: DeviceSection, common: DeviceSection | None) -> CpuState:
         halted=halted, interrupt_request=irq)
 
 
+# --- the vmcoreinfo device ---------------------------------------------------------------------
+
+VMCOREINFO_VMSD = "vmcoreinfo"  # hw/misc/vmcoreinfo.c vmstate_vmcoreinfo (-device or -object vmcoreinfo)
+# include/standard-headers/linux/qemu_fw_cfg.h
+FW_CFG_VMCOREINFO_FORMAT_NONE = 0
+FW_CFG_VMCOREINFO_FORMAT_ELF = 1
+
+
+@dataclass(frozen=True)
+class VmcoreinfoState:
+    """The ``vmcoreinfo`` device: whether and where the guest published its VMCOREINFO note.
+
+    The guest writes the 16-byte ``FWCfgVMCoreInfo`` (``le16 host_format, le16 guest_format,
+    le32 size, le64 paddr``) through fw_cfg ``etc/vmcoreinfo`` straight into the device's
+    struct; ``has_vmcoreinfo`` is set when it wrote all 16 bytes at offset 0 with a format other
+    than NONE (``fw_cfg_vmci_write``). The vmsd saves those struct members as host integers,
+    big-endian in the stream, and dump.c reads them with ``le16_to_cpu``... So on a
+    little-endian host, which is where x86 guests are dumped, the stream's integers are the
+    values the guest wrote, and that is how they are decoded here (a big-endian host would
+    write them byte-swapped; nothing in the stream says which host wrote it).
+    """
+
+    offset: int = field(compare=False)  # of its FULL section
+    has_vmcoreinfo: bool
+    host_format: int
+    guest_format: int
+    size: int  # bytes the guest reserved for the note
+    paddr: int  # guest-physical address of the note
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset, "has_vmcoreinfo": self.has_vmcoreinfo,
+                "host_format": self.host_format, "guest_format": self.guest_format,
+                "size": self.size, "paddr": self.paddr}
+
+
+def vmcoreinfo_state(devices: DeviceState | Iterable[DeviceSection]) -> VmcoreinfoState | None:
+    """The ``vmcoreinfo`` device's state, or None when the guest has no such device (or its
+    section lacks one of the five fields QEMU 2.11 and later write)."""
+    for d in devices:
+        if d.vmsd_name != VMCOREINFO_VMSD:
+            continue
+        has = d.field("has_vmcoreinfo")
+        values = [_int_value(d.field(f"vmcoreinfo.{n}")) for n in ("host_format", "guest_format", "size", "paddr")]
+        if has is None or not isinstance(has.value, bool) or any(v is None for v in values):
+            return None
+        host_format, guest_format, size, paddr = values
+        return VmcoreinfoState(offset=d.offset, has_vmcoreinfo=has.value, host_format=host_format,
+                               guest_format=guest_format, size=size, paddr=paddr)
+    return None
+
+
 __all__ = [
+    "FW_CFG_VMCOREINFO_FORMAT_ELF",
+    "FW_CFG_VMCOREINFO_FORMAT_NONE",
     "GPR_NAMES",
     "RAW_LIMIT",
     "SEGMENT_NAMES",
@@ -804,8 +857,10 @@ __all__ = [
     "DeviceState",
     "Field",
     "Segment",
+    "VmcoreinfoState",
     "cpu_states",
     "find_field",
     "flatten",
     "parse_devices",
+    "vmcoreinfo_state",
 ]

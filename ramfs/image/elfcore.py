@@ -1,5 +1,6 @@
 """An ELF64 core of guest-physical memory, in the layout of QEMU's ``dump-guest-memory``
-(no paging): PT_NOTE with one NT_PRSTATUS and one QEMU CPU-state note per vCPU, then one
+(no paging): PT_NOTE with one NT_PRSTATUS and one QEMU CPU-state note per vCPU, then the
+guest's own note (VMCOREINFO) when it published one through a ``vmcoreinfo`` device, then one
 PT_LOAD per guest-physical RAM range, zero pages included (``p_paddr`` = ``p_vaddr`` =
 guest-physical address), as QEMU writes it.
 
@@ -10,19 +11,23 @@ guest. The zero pages cost nothing: reads of them are answered with zeros, ``has
 so (``ramfs core`` leaves them as holes), and ``populated_ranges`` lists what holds data.
 
 Served lazily: only the header and notes are built; a read past them goes to the image.
-Sources: QEMU 10.0 dump/dump.c (``write_elf64_header``, ``write_elf64_load``),
-target/i386/arch_dump.c (``x86_64_write_elf64_note``, ``QEMUCPUState``).
+Sources: QEMU 10.0 dump/dump.c (``write_elf64_header``, ``write_elf64_load``, the guest note
+in ``dump_init`` and ``write_elf64_notes``), target/i386/arch_dump.c
+(``x86_64_write_elf64_note``, ``QEMUCPUState``), hw/misc/vmcoreinfo.c.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
+import logging
 import struct
+import weakref
 from dataclasses import dataclass, field
 
 from ramfs.errors import RamfsError
 from ramfs.image.phys import PhysView
+
+log = logging.getLogger(__name__)
 
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
 ET_CORE, EM_386, EM_X86_64 = 4, 3, 62
@@ -34,6 +39,12 @@ EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 MAX_PHDRS = 0xFFFF - 2  # PN_XNUM would need a section header; not worth it here
 MAX_LOADS = MAX_PHDRS - 1  # the PT_NOTE takes one
+# dump.c: the guest note (the vmcoreinfo device's).
+MAX_GUEST_NOTE_SIZE = 1 << 20
+NHDR_SIZE = 12  # Elf64_Nhdr and Elf32_Nhdr alike: namesz, descsz, type (32 bits each)
+FW_CFG_VMCOREINFO_FORMAT_ELF = 1  # as in ramfs.format.vmstate (imported lazily here)
+VMCOREINFO_NOTE_NAME = b"VMCOREINFO\0"
+_AUTO = object()
 
 # x86_64_user_regs_struct, in kernel order.
 PRSTATUS_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
@@ -98,11 +109,98 @@ def qemu_cpu_state(cpu: Cpu) -> bytes:
     return struct.pack("<II", 1, 8 + len(body)) + body
 
 
-class ElfCore:
-    """The core file as ``size`` and ``read(offset, size)``."""
+def _round4(n: int) -> int:
+    return (n + 3) // 4 * 4
 
-    def __init__(self, view: PhysView, cpus: list[Cpu]):
+
+def guest_note(info, read) -> tuple[bytes | None, str | None]:
+    """The guest's note as ``dump-guest-memory`` appends it, or ``(None, why not)``.
+
+    ``info`` is the vmcoreinfo device's state (:class:`~ramfs.format.vmstate.VmcoreinfoState`,
+    None without the device); ``read(gpa, n)`` reads guest-physical memory. dump.c
+    ``dump_init`` skips the note with a warning, and dumps without it, when the guest did not
+    publish one (``has_vmcoreinfo`` false), when its size is under a note header or over 1 MiB,
+    when its format is not ELF, or when the note header's name or desc size is over 1 MiB or the
+    padded note does not fit in ``size``. Otherwise it writes the padded note
+    (``ELF_NOTE_SIZE``: 12-byte header, name and desc each padded to 4 bytes) as it is in guest
+    memory, except that ``vmcoreinfo_update_phys_base`` has put a NUL just past the desc of a
+    note named VMCOREINFO (the text's terminator for its own parsing): the first padding byte
+    when the desc size is not a multiple of 4.
+    """
+    if info is None:
+        return None, "no vmcoreinfo device"
+    if not info.has_vmcoreinfo:
+        return None, "guest note is not present"
+    if not NHDR_SIZE <= info.size <= MAX_GUEST_NOTE_SIZE:
+        return None, f"guest note size is invalid: {info.size}"
+    if info.guest_format != FW_CFG_VMCOREINFO_FORMAT_ELF:
+        return None, f"guest note format is unsupported: {info.guest_format}"
+
+    def read_padded(gpa: int, n: int) -> bytes:
+        data = read(gpa, n)  # cpu_physical_memory_read: unassigned memory reads as zeros
+        return data + bytes(n - len(data))
+
+    namesz, descsz = struct.unpack("<II", read_padded(info.paddr, 8))
+    size = NHDR_SIZE + _round4(namesz) + _round4(descsz)
+    if namesz > MAX_GUEST_NOTE_SIZE or descsz > MAX_GUEST_NOTE_SIZE or size > info.size:
+        return None, "Invalid guest note header"
+    note = bytearray(read_padded(info.paddr, size))
+    if namesz == len(VMCOREINFO_NOTE_NAME) and note[NHDR_SIZE:NHDR_SIZE + namesz] == VMCOREINFO_NOTE_NAME:
+        end = NHDR_SIZE + _round4(namesz) + descsz
+        if end < size:
+            note[end] = 0
+    return bytes(note), None
+
+
+_parsed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _devices(image):
+    """``parse_devices`` of an image, decoded once per image (cpus_of and vmcoreinfo_of both
+    need it; an image whose device state does not decode raises each time)."""
+    from ramfs.format.vmstate import parse_devices
+    try:
+        hit = _parsed.get(image)
+    except TypeError:  # not weakly referenceable
+        hit = None
+    if hit is None:
+        hit = parse_devices(image.data, image.layout)
+        try:
+            _parsed[image] = hit
+        except TypeError:
+            pass
+    return hit
+
+
+def vmcoreinfo_of(image):
+    """The image's vmcoreinfo device state (present, paddr, size...), or None when it has no
+    such device or its device state cannot be decoded."""
+    from ramfs.format.vmstate import vmcoreinfo_state
+    if image.data is None:
+        return None
+    try:
+        return vmcoreinfo_state(_devices(image))
+    except RamfsError:
+        return None
+
+
+class ElfCore:
+    """The core file as ``size`` and ``read(offset, size)``.
+
+    ``vmcoreinfo``: the vmcoreinfo device state for the guest note (see :func:`guest_note`);
+    by default it is decoded from the view's image. ``guest_note`` is the note appended (None
+    when there is none, ``guest_note_skipped`` says why).
+    """
+
+    def __init__(self, view: PhysView, cpus: list[Cpu], vmcoreinfo=_AUTO):
         self.view = view
+        self.vmcoreinfo = vmcoreinfo_of(view.image) if vmcoreinfo is _AUTO else vmcoreinfo
+        self.guest_note, self.guest_note_skipped = guest_note(self.vmcoreinfo, view.read)
+        if self.guest_note_skipped and self.vmcoreinfo is not None:
+            # dump.c warns and dumps without the note; a guest that never wrote one is common.
+            (log.info if not self.vmcoreinfo.has_vmcoreinfo else log.warning)(
+                "%s: no guest note in core.elf: %s", getattr(view.image, "path", "image"),
+                self.guest_note_skipped)
         segments = [(r.gpa, r.gpa + r.length) for r in view.map.ranges]  # in address order
         if len(segments) > MAX_LOADS:
             raise RamfsError(f"{len(segments)} guest-physical RAM ranges: more than an ELF core can list")
@@ -110,6 +208,7 @@ class ElfCore:
         status = prstatus if lma else prstatus_i386
         notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))
                          for i, c in enumerate(cpus))
+        notes += self.guest_note or b""  # write_elf64_notes: after every vCPU's notes
         phnum = 1 + len(segments)
         notes_off = EHDR.size + phnum * PHDR.size
         data_off = notes_off + len(notes)
@@ -189,11 +288,11 @@ def cpus_of(image) -> list[Cpu]:
     An image whose device state cannot be decoded still gets a core: one vCPU whose
     registers are all 0, so that the memory stays usable.
     """
-    from ramfs.format.vmstate import cpu_states, parse_devices
+    from ramfs.format.vmstate import cpu_states
     if image.data is None:
         return [Cpu()]
     try:
-        states = cpu_states(parse_devices(image.data, image.layout))
+        states = cpu_states(_devices(image))
     except RamfsError:
         return [Cpu()]
     return [cpu_from_state(s) for s in states] or [Cpu()]
