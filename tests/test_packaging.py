@@ -21,7 +21,11 @@ def test_wheel_installs_working_commands_and_the_man_page(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = venv / "bin" / "pip"
-    r = subprocess.run([str(pip), "install", "-q", "--disable-pip-version-check", str(wheel)],
+    assert "volatility3/plugins/ramfs_saveimage.py" in names
+    assert not any(n.startswith("volatility3/") and n.endswith("__init__.py") for n in names)  # not ours
+    assert {f"ramfs/{p.parent.relative_to(REPO / 'ramfs')}/__init__.py".replace("/./", "/")
+            for p in (REPO / "ramfs").rglob("__init__.py")} <= set(names)  # every subpackage listed
+    r = subprocess.run([str(pip), "install", "-q", "--disable-pip-version-check", f"{wheel}[volatility]"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     version = subprocess.run([str(venv / "bin" / "ramfs"), "--version"], capture_output=True, text=True)
@@ -29,6 +33,13 @@ def test_wheel_installs_working_commands_and_the_man_page(tmp_path):
     helped = subprocess.run([str(venv / "bin" / "ramfs-mount"), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "usage: ramfs mount" in helped.stdout
     assert (venv / "share" / "man" / "man1" / "ramfs.1").read_text().startswith(".TH RAMFS 1")
+    # With the volatility extra, Volatility 3's own `vol` reads save images through ramfs:
+    # the Linux guest's banners at their guest-physical addresses, no plugin option needed.
+    import qemu_images as qi
+    from test_volatility import banners_in_guest, vol_banners, vol_env
+    guest = qi.build_linux()
+    got = vol_banners([str(venv / "bin" / "vol")], guest.sequential, vol_env(tmp_path))
+    assert got == banners_in_guest(guest.sequential) and got
 
 
 def test_pipx_install_gives_ramfs(tmp_path):
