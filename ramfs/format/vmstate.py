@@ -719,12 +719,160 @@ class CpuState:
         return out
 
 
+def cpu_target(d: DeviceSection) -> str:
+    """The QEMU target a ``cpu`` section comes from, by its fields: every target names its
+    vmsd ``cpu`` (target/i386/machine.c, target/arm/machine.c, ...). ``x86``, ``aarch64`` (an
+    ARM CPU that has AArch64: ``env.xregs``), ``arm`` (32-bit only) or ``unknown``."""
+    names = {f.name for f in d.fields}
+    if "env.segs" in names and "env.eip" in names:
+        return "x86"
+    if "env.xregs" in names:
+        return "aarch64"
+    if "env.regs" in names and "cpsr" in names:
+        return "arm"
+    return "unknown"
+
+
 def cpu_states(devices: DeviceState | Iterable[DeviceSection]) -> list[CpuState]:
     """The x86 vCPUs (vmsd ``cpu``) of a decoded device state, by cpu index."""
     devs = list(devices)
     common = {d.instance_id: d for d in devs if d.vmsd_name == CPU_COMMON_VMSD}
-    out = [_cpu(d, common.get(d.instance_id)) for d in devs if d.vmsd_name == X86_CPU_VMSD]
+    out = [_cpu(d, common.get(d.instance_id)) for d in devs
+           if d.vmsd_name == X86_CPU_VMSD and cpu_target(d) == "x86"]
     return sorted(out, key=lambda c: c.index)
+
+
+def guest_cpus(devices: DeviceState | Iterable[DeviceSection]) -> tuple[str | None, list]:
+    """(target, vCPU states) of a decoded device state: :class:`CpuState` for x86,
+    :class:`Aarch64CpuState` for aarch64, an empty list for a target whose registers are
+    not decoded (never another target's names on its values); (None, []) without CPUs."""
+    devs = list(devices)
+    targets = {cpu_target(d) for d in devs if d.vmsd_name == X86_CPU_VMSD}
+    if not targets:
+        return None, []
+    target = targets.pop() if len(targets) == 1 else "unknown"
+    if target == "x86":
+        return target, cpu_states(devs)
+    if target == "aarch64":
+        common = {d.instance_id: d for d in devs if d.vmsd_name == CPU_COMMON_VMSD}
+        out = [_aarch64_cpu(d, common.get(d.instance_id)) for d in devs if d.vmsd_name == X86_CPU_VMSD]
+        return target, sorted(out, key=lambda c: c.index)
+    return target, []
+
+
+# -- aarch64 (target/arm/machine.c vmstate_arm_cpu) ----------------------------------------
+PSTATE_nRW = 1 << 4  # target/arm/cpu.h: set when the CPU is in AArch32 state (put_cpsr)
+# banked_spsr[] slots of the AArch64 SPSRs (target/arm/cpu.h BANK_SVC, BANK_HYP, BANK_MON).
+AARCH64_SPSR_BANKS = {"spsr_el1": 1, "spsr_el2": 6, "spsr_el3": 7}
+# fpscr (vfp_get_fpscr) = the FPSR bits | the FPCR bits that have an A32 meaning
+# (target/arm/cpu.h FPSCR_FPSR_MASK, FPSCR_FPCR_MASK).
+FPSCR_FPSR_MASK = 0xF800009F
+FPSCR_FPCR_MASK = 0x07FF9F00
+# cpreg_vmstate_indexes hold KVM register ids (target/arm/kvm-consts.h, cpreg_to_kvm_id):
+# AArch64 system registers are KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | op0..op2.
+KVM_REG_ARM64_SYSREG_PREFIX = 0x6030_0000_0013_0000
+SYSREG_NAMES = {
+    (3, 0, 0, 0, 0): "MIDR_EL1", (3, 0, 0, 0, 5): "MPIDR_EL1", (3, 0, 1, 0, 0): "SCTLR_EL1",
+    (3, 0, 1, 0, 1): "ACTLR_EL1", (3, 0, 1, 0, 2): "CPACR_EL1", (3, 0, 2, 0, 0): "TTBR0_EL1",
+    (3, 0, 2, 0, 1): "TTBR1_EL1", (3, 0, 2, 0, 2): "TCR_EL1", (3, 0, 5, 1, 0): "AFSR0_EL1",
+    (3, 0, 5, 1, 1): "AFSR1_EL1", (3, 0, 5, 2, 0): "ESR_EL1", (3, 0, 6, 0, 0): "FAR_EL1",
+    (3, 0, 7, 4, 0): "PAR_EL1", (3, 0, 10, 2, 0): "MAIR_EL1", (3, 0, 10, 3, 0): "AMAIR_EL1",
+    (3, 0, 12, 0, 0): "VBAR_EL1", (3, 0, 13, 0, 1): "CONTEXTIDR_EL1", (3, 0, 13, 0, 4): "TPIDR_EL1",
+    (3, 0, 14, 1, 0): "CNTKCTL_EL1", (3, 3, 13, 0, 2): "TPIDR_EL0", (3, 3, 13, 0, 3): "TPIDRRO_EL0",
+    (3, 3, 14, 0, 0): "CNTFRQ_EL0", (3, 3, 14, 2, 1): "CNTP_CTL_EL0", (3, 3, 14, 2, 2): "CNTP_CVAL_EL0",
+    (3, 3, 14, 3, 1): "CNTV_CTL_EL0", (3, 3, 14, 3, 2): "CNTV_CVAL_EL0", (3, 0, 0, 4, 0): "ID_AA64PFR0_EL1",
+    (3, 0, 0, 6, 1): "ID_AA64ISAR1_EL1", (2, 0, 0, 2, 2): "MDSCR_EL1", (3, 4, 1, 0, 0): "SCTLR_EL2",
+    (3, 4, 1, 1, 0): "HCR_EL2", (3, 4, 2, 0, 0): "TTBR0_EL2", (3, 4, 2, 0, 2): "TCR_EL2",
+    (3, 4, 2, 1, 0): "VTTBR_EL2", (3, 4, 2, 1, 2): "VTCR_EL2", (3, 4, 5, 2, 0): "ESR_EL2",
+    (3, 4, 6, 0, 0): "FAR_EL2", (3, 4, 12, 0, 0): "VBAR_EL2", (3, 6, 1, 0, 0): "SCTLR_EL3",
+    (3, 6, 1, 1, 0): "SCR_EL3", (3, 6, 2, 0, 0): "TTBR0_EL3", (3, 6, 2, 0, 2): "TCR_EL3",
+    (3, 6, 12, 0, 0): "VBAR_EL3",
+}
+
+
+def sysreg_name(kvm_id: int) -> str:
+    """A migrated coprocessor register's name: the architectural one for the AArch64 system
+    registers listed here, ``S<op0>_<op1>_C<n>_C<m>_<op2>`` for the other AArch64 ones (the
+    assembler's generic spelling), ``kvm:0x...`` for AArch32 coprocessor registers."""
+    if kvm_id & ~0xFFFF == KVM_REG_ARM64_SYSREG_PREFIX:
+        enc = ((kvm_id >> 14) & 3, (kvm_id >> 11) & 7, (kvm_id >> 7) & 15, (kvm_id >> 3) & 15, kvm_id & 7)
+        return SYSREG_NAMES.get(enc, "S%d_%d_C%d_C%d_%d" % enc)
+    return f"kvm:{kvm_id:#x}"
+
+
+@dataclass(frozen=True)
+class Aarch64CpuState:
+    """An aarch64 vCPU's state as migrated (``cpu`` section of target/arm/machine.c)."""
+
+    index: int
+    offset: int = field(compare=False)
+    aarch64: bool | None  # in AArch64 state (cpsr without PSTATE_nRW)
+    x: tuple[int | None, ...]  # x0..x30
+    sp: int | None  # the current stack pointer (env.xregs[31])
+    pc: int | None
+    pstate: int | None  # pstate_read() in AArch64 state, cpsr_read() in AArch32 state
+    sp_el: tuple[int | None, ...]
+    elr_el: tuple[int | None, ...]
+    banked_spsr: tuple[int | None, ...]
+    vregs: tuple[tuple[int, int] | None, ...]  # V0..V31 as (low, high) 64-bit halves
+    fpscr: int | None
+    sysregs: dict[str, int] = field(hash=False)
+    halted: bool | None = None
+
+    @property
+    def el(self) -> int | None:
+        return None if self.pstate is None or not self.aarch64 else (self.pstate >> 2) & 3
+
+    @property
+    def fpsr(self) -> int | None:
+        return None if self.fpscr is None else self.fpscr & FPSCR_FPSR_MASK
+
+    @property
+    def fpcr(self) -> int | None:
+        return None if self.fpscr is None else self.fpscr & FPSCR_FPCR_MASK
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"target": "aarch64", "index": self.index, "offset": self.offset,
+                               "aarch64_state": self.aarch64}
+        out.update({f"x{i}": v for i, v in enumerate(self.x)})
+        out.update(sp=self.sp, pc=self.pc, pstate=self.pstate, el=self.el)
+        out.update({f"sp_el{i}": v for i, v in enumerate(self.sp_el)})
+        out.update({f"elr_el{i}": v for i, v in enumerate(self.elr_el) if i})
+        out.update({k: self.banked_spsr[i] if i < len(self.banked_spsr) else None
+                    for k, i in AARCH64_SPSR_BANKS.items()})
+        out.update(fpsr=self.fpsr, fpcr=self.fpcr)
+        out["v"] = [None if v is None else f"{v[1]:016x}{v[0]:016x}" for v in self.vregs]
+        out["system_registers"] = dict(self.sysregs)
+        out["halted"] = self.halted
+        return out
+
+
+def _aarch64_cpu(d: DeviceSection, common: DeviceSection | None) -> Aarch64CpuState:
+    xregs = [_int_value(f) for f in _elements(d, "env.xregs")]
+    xregs += [None] * (32 - len(xregs))
+    cpsr_f = d.field("cpsr")
+    cpsr = int.from_bytes(cpsr_f.raw[:4], "big") if cpsr_f is not None and len(cpsr_f.raw) >= 4 else None
+    vregs: list[tuple[int, int] | None] = []
+    for i in range(32):
+        halves = [_int_value(f) for f in _elements(d, f"env.vfp.zregs[{i}].d")]
+        vregs.append((halves[0], halves[1]) if len(halves) == 2 and None not in halves else None)
+    fpscr_f = d.field("fpscr")
+    fpscr = int.from_bytes(fpscr_f.raw[:4], "big") if fpscr_f is not None and len(fpscr_f.raw) >= 4 else None
+    idx = [_int_value(f) for f in _elements(d, "cpreg_vmstate_indexes")]
+    vals = [_int_value(f) for f in _elements(d, "cpreg_vmstate_values")]
+    sysregs = {sysreg_name(i): v for i, v in zip(idx, vals) if i is not None and v is not None}
+    halted = None
+    if common is not None:
+        h = _int_value(common.field("halted"))
+        halted = None if h is None else bool(h)
+    return Aarch64CpuState(
+        index=d.instance_id, offset=d.offset,
+        aarch64=None if cpsr is None else not cpsr & PSTATE_nRW,
+        x=tuple(xregs[:31]), sp=xregs[31], pc=_int_value(d.field("env.pc")), pstate=cpsr,
+        sp_el=tuple(_int_value(f) for f in _elements(d, "env.sp_el")),
+        elr_el=tuple(_int_value(f) for f in _elements(d, "env.elr_el")),
+        banked_spsr=tuple(_int_value(f) for f in _elements(d, "env.banked_spsr")),
+        vregs=tuple(vregs), fpscr=fpscr, sysregs=sysregs, halted=halted)
 
 
 def _int_value(f: Field | None) -> int | None:
@@ -852,6 +1000,7 @@ __all__ = [
     "GPR_NAMES",
     "RAW_LIMIT",
     "SEGMENT_NAMES",
+    "Aarch64CpuState",
     "CpuState",
     "DeviceSection",
     "DeviceState",
@@ -859,7 +1008,9 @@ __all__ = [
     "Segment",
     "VmcoreinfoState",
     "cpu_states",
+    "cpu_target",
     "find_field",
+    "guest_cpus",
     "flatten",
     "parse_devices",
     "vmcoreinfo_state",

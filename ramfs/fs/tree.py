@@ -329,14 +329,19 @@ class Tree:
 
     def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
         """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""
-        from ramfs.format.vmstate import cpu_states, parse_devices
+        from ramfs.format.vmstate import guest_cpus, parse_devices
         if img.data is None or img.layout.vmdesc is None:
             return
         try:
-            cpus = cpu_states(parse_devices(img.data, img.layout))
+            target, cpus = guest_cpus(parse_devices(img.data, img.layout))
         except RamfsError as e:
             log.warning("%s: no cpus.json: %s", img.path, e)
             self.file(d, b"cpus.json", mtime, data=json.dumps({"error": str(e)}).encode() + b"\n")
+            return
+        if target not in (None, "x86", "aarch64"):
+            # Never another target's register names on these values: say what is not known.
+            data = {"target": target, "error": "the registers of this target are not decoded"}
+            self.file(d, b"cpus.json", mtime, data=json.dumps(data).encode() + b"\n")
             return
         self.file(d, b"cpus.json", mtime,
                   data=json.dumps([c.to_dict() for c in cpus], indent=2).encode() + b"\n")

@@ -30,10 +30,11 @@ from ramfs.image.phys import PhysView
 log = logging.getLogger(__name__)
 
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
-ET_CORE, EM_386, EM_X86_64 = 4, 3, 62
+ET_CORE, EM_386, EM_X86_64, EM_AARCH64 = 4, 3, 62, 183
 EFER_LMA = 1 << 10  # long mode active: QEMU's dump picks the x86_64 or the i386 layout by it
 PT_LOAD, PT_NOTE = 1, 4
 NT_PRSTATUS = 1
+NT_PRFPREG = 2  # target/arm/arch_dump.c aarch64_write_elf64_prfpreg
 QEMU_NOTE_TYPE = 0  # arch_dump.c: cpu_write_qemu_note, name "QEMU"
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
@@ -92,6 +93,35 @@ def prstatus_i386(cpu: Cpu, index: int) -> bytes:
                        sel["ds"], 0, sel["es"], 0, sel["fs"], 0, sel["gs"], 0, 0, g("rip"), sel["cs"], 0,
                        g("rflags"), g("rsp"), sel["ss"], 0)
     return bytes(24) + struct.pack("<I", index + 1) + bytes(44) + regs + bytes(4)
+
+
+@dataclass(frozen=True)
+class Aarch64Cpu:
+    """An aarch64 vCPU for the notes (its :class:`~ramfs.format.vmstate.Aarch64CpuState`)."""
+
+    state: object
+
+
+def prstatus_aarch64(cpu: Aarch64Cpu, index: int) -> bytes:
+    """arch_dump.c ``aarch64_elf_prstatus``: pr_pid at 32, then x0..x30, sp, pc, pstate at
+    112, pr_fpvalid 1. In AArch32 state QEMU first maps the banked AArch32 registers onto
+    x0..x30 (aarch64_sync_32_to_64) and writes sp 0: here the xregs as migrated, sp 0 (a
+    limit, docs/forensics.md)."""
+    s = cpu.state
+    x = [v or 0 for v in s.x] + [0] * (31 - len(s.x))
+    sp = (s.sp or 0) if s.aarch64 else 0
+    regs = struct.pack("<34Q", *(v & 0xFFFFFFFFFFFFFFFF for v in (*x[:31], sp, s.pc or 0, s.pstate or 0)))
+    return bytes(32) + struct.pack("<I", index + 1) + bytes(76) + regs + struct.pack("<I", 1) + bytes(4)
+
+
+def prfpreg_aarch64(cpu: Aarch64Cpu) -> bytes:
+    """arch_dump.c ``aarch64_user_vfp_state``: V0..V31 (low, high), fpsr, fpcr, 8 bytes pad."""
+    s = cpu.state
+    halves = []
+    for v in s.vregs:
+        halves += list(v) if v is not None else [0, 0]
+    halves += [0] * (64 - len(halves))
+    return struct.pack("<64Q", *halves[:64]) + struct.pack("<II", s.fpsr or 0, s.fpcr or 0) + bytes(8)
 
 
 def long_mode(cpus: list[Cpu]) -> bool:
@@ -204,16 +234,24 @@ class ElfCore:
         segments = [(r.gpa, r.gpa + r.length) for r in view.map.ranges]  # in address order
         if len(segments) > MAX_LOADS:
             raise RamfsError(f"{len(segments)} guest-physical RAM ranges: more than an ELF core can list")
-        lma = long_mode(cpus)
-        status = prstatus if lma else prstatus_i386
-        notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i)) + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c))
-                         for i, c in enumerate(cpus))
+        if cpus and isinstance(cpus[0], Aarch64Cpu):
+            # target/arm/arch_dump.c aarch64_write_elf64_note: per vCPU a prstatus and the
+            # FP/SIMD registers, no QEMU CPU-state note.
+            machine = EM_AARCH64
+            notes = b"".join(_note(b"CORE", NT_PRSTATUS, prstatus_aarch64(c, i))
+                             + _note(b"CORE", NT_PRFPREG, prfpreg_aarch64(c)) for i, c in enumerate(cpus))
+        else:
+            lma = long_mode(cpus)
+            machine = EM_X86_64 if lma else EM_386
+            status = prstatus if lma else prstatus_i386
+            notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i))
+                             + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c)) for i, c in enumerate(cpus))
         notes += self.guest_note or b""  # write_elf64_notes: after every vCPU's notes
         phnum = 1 + len(segments)
         notes_off = EHDR.size + phnum * PHDR.size
         data_off = notes_off + len(notes)
         ehdr = EHDR.pack(b"\x7fELF" + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT]) + bytes(9),
-                         ET_CORE, EM_X86_64 if lma else EM_386, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size,
+                         ET_CORE, machine, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size,
                          PHDR.size, phnum,
                          0, 0, 0)
         phdrs = [PHDR.pack(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes), 0)]
@@ -288,13 +326,15 @@ def cpus_of(image) -> list[Cpu]:
     An image whose device state cannot be decoded still gets a core: one vCPU whose
     registers are all 0, so that the memory stays usable.
     """
-    from ramfs.format.vmstate import cpu_states
+    from ramfs.format.vmstate import guest_cpus
     if image.data is None:
         return [Cpu()]
     try:
-        states = cpu_states(_devices(image))
+        target, states = guest_cpus(_devices(image))
     except RamfsError:
         return [Cpu()]
+    if target == "aarch64":
+        return [Aarch64Cpu(s) for s in states]
     return [cpu_from_state(s) for s in states] or [Cpu()]
 
 

@@ -29,7 +29,10 @@ PIIX_GIGABYTE_SPLIT = 0xC0000000
 # pc_q35.c: "traditional" 2 GiB split once RAM reaches 0xb0000000, else all RAM is low.
 Q35_SPLIT_THRESHOLD = 0xB0000000
 Q35_SPLIT = 0x80000000
-MAIN_RAM_IDS = ("pc.ram",)  # x86 default_ram_id; a memory-backend id replaces it
+MAIN_RAM_IDS = ("pc.ram", "mach-virt.ram")  # default_ram_id of x86 pc/q35 and arm virt
+# hw/arm/virt.c base_memmap[VIRT_MEM]: the RAM of an arm virt machine starts at 1 GiB, whole.
+ARM_VIRT_MEM_BASE = 0x40000000
+ARM_VIRT_FLASH_IDS = ("virt.flash0", "virt.flash1")
 BIOS_IDS = ("pc.bios",)
 
 
@@ -72,6 +75,9 @@ def _machine_kind(machine: str | None) -> tuple[str | None, tuple[int, int] | No
         return "pc", (int(m.group(1)), int(m.group(2)))
     if machine in ("pc", "q35"):
         return machine, None
+    m = re.fullmatch(r"virt(?:-(\d+)\.(\d+))?", machine)  # hw/arm/virt.c (also riscv's "virt": see below)
+    if m:
+        return "virt", (int(m.group(1)), int(m.group(2))) if m.group(1) else None
     return None, None
 
 
@@ -122,7 +128,7 @@ class Placement:
 
 
 # Firmware and device blocks that are never the machine's RAM.
-NOT_RAM_IDS = BIOS_IDS + ("pc.rom",)
+NOT_RAM_IDS = BIOS_IDS + ("pc.rom",) + ARM_VIRT_FLASH_IDS
 # Memory devices ramfs cannot place from the saved state alone (libvirt model names).
 UNPLACEABLE_MODELS = {
     "virtio-mem": "virtio-mem: which of its blocks the guest has plugged is device state ramfs does not decode",
@@ -211,10 +217,22 @@ def phys_map(image: Image, below_4g: int | None = None, *, numa: tuple[str, ...]
     kind = _machine_kind(machine)[0]
     ranges: list[PhysRange] = []
     omitted: list[tuple[str, str]] = []
+    if kind == "virt" and any(b.idstr in ARM_VIRT_FLASH_IDS + ("mach-virt.ram",) for b in image.blocks) is False \
+            and not any(b.idstr.startswith("ram-node") for b in image.blocks):
+        kind = None  # riscv's or loongarch's "virt": another layout (not known here)
+    if kind is None:
+        why = f"machine type {machine!r} has no known RAM layout"
+        return PhysMap((), tuple((b.idstr, why) for b in image.blocks), machine, None, ())
     main, placed, reasons, warnings = _layout_of(image, numa, devices)
     split_used = None
     main_ids = {b.idstr for b in main}
-    if main:
+    if main and kind == "virt":
+        # One contiguous RAM region at 1 GiB, node backends end to end (numa_init_memdev_container).
+        base = ARM_VIRT_MEM_BASE
+        for b in main:
+            ranges.append(PhysRange(base, b.used_length, b.index, 0))
+            base += b.used_length
+    elif main:
         total = sum(b.used_length for b in main)
         split = below_4g if below_4g is not None else below_4g_for(machine, total)
         if split is None:
@@ -237,11 +255,13 @@ def phys_map(image: Image, below_4g: int | None = None, *, numa: tuple[str, ...]
             continue
         if blk.idstr in placed:
             ranges.append(PhysRange(placed[blk.idstr], blk.used_length, blk.index, 0))
-        elif blk.idstr in BIOS_IDS and kind is not None:
+        elif blk.idstr in BIOS_IDS and kind in ("pc", "q35"):
             # The BIOS image is mapped so that it ends at 4 GiB (x86_bios_rom_init).
             ranges.append(PhysRange(FOUR_GIB - blk.used_length, blk.used_length, blk.index, 0))
         elif blk.idstr in reasons:
             omitted.append((blk.idstr, reasons[blk.idstr]))
+        elif blk.idstr in ARM_VIRT_FLASH_IDS and kind == "virt":
+            omitted.append((blk.idstr, "pflash (a ROM device): not RAM, not in QEMU's dump-guest-memory"))
         elif blk.idstr == "pc.rom":
             omitted.append((blk.idstr, "option ROM area: routed by the chipset's PAM registers, not decoded"))
         elif "/" not in blk.idstr:
