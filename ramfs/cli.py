@@ -298,8 +298,8 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
 
 def _write_phys_view(args, as_core: bool) -> int:
     from ramfs.image import open_image
-    from ramfs.image.elfcore import ElfCore, cpus_of
-    from ramfs.image.phys import PhysView
+    from ramfs.views.elfcore import ElfCore, cpus_of
+    from ramfs.views.phys import PhysView
 
     placement = _placement(args)
     bar = _scan_bar(args.quiet)
@@ -328,7 +328,7 @@ def cmd_export(args) -> int:
     import shutil
     import subprocess
 
-    from ramfs.convert.export import SequentialExport
+    from ramfs.views.export import SequentialExport
     from ramfs.format import encode
     from ramfs.format.libvirt import SaveFormat
     from ramfs.image import open_image

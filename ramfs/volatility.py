@@ -59,7 +59,8 @@ class SaveImageLayer(interfaces.layers.DataLayerInterface):
         with self._lock:
             if self._view is None:
                 from ramfs.image import open_image
-                from ramfs.image.phys import PhysView, Placement
+                from ramfs.image.phys import Placement
+                from ramfs.views.phys import PhysView
 
                 img = open_image(self._path)
                 try:

@@ -20,8 +20,9 @@ import pytest
 
 import qemu_images as qi
 from ramfs.image import open_image
-from ramfs.image.elfcore import ElfCore, cpus_of
-from ramfs.image.phys import PhysView, Placement
+from ramfs.views.elfcore import ElfCore, cpus_of
+from ramfs.image.phys import Placement
+from ramfs.views.phys import PhysView
 from test_phys import elf_loads
 
 MiB = 1 << 20

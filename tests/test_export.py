@@ -13,7 +13,7 @@ import qemu_images
 from fixture_data import MANIFEST, entry, fixture_path
 from mountutil import mounted
 from qemu_images import SMALL_PC, SMALL_Q35, first_difference
-from ramfs.convert.export import SequentialExport
+from ramfs.views.export import SequentialExport
 from ramfs.format.libvirt import SaveFormat, parse_header
 from ramfs.image import open_image
 

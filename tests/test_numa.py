@@ -27,8 +27,9 @@ import qemu_images as qi
 from mountutil import mounted
 from ramfs.convert import convert_file
 from ramfs.image import open_image
-from ramfs.image.elfcore import ElfCore, cpus_of
-from ramfs.image.phys import FOUR_GIB, Placement, PhysView
+from ramfs.views.elfcore import ElfCore, cpus_of
+from ramfs.image.phys import FOUR_GIB, Placement
+from ramfs.views.phys import PhysView
 from test_phys import elf_loads
 
 MiB = 1 << 20

@@ -12,8 +12,9 @@ import qemu_images as qi
 from fixture_data import fixture_path
 from mountutil import mounted
 from ramfs.image import open_image
-from ramfs.image.elfcore import ElfCore, cpus_of
-from ramfs.image.phys import FOUR_GIB, PhysView, below_4g_for, phys_map
+from ramfs.views.elfcore import ElfCore, cpus_of
+from ramfs.image.phys import FOUR_GIB, below_4g_for, phys_map
+from ramfs.views.phys import PhysView
 
 MiB = 1 << 20
 
@@ -270,8 +271,8 @@ def test_fragmented_guest_gets_a_core_with_whole_ranges_and_a_lazy_export(tmp_pa
     import itertools
 
     from fuzz import harness
-    from ramfs.convert.export import SequentialExport
-    from ramfs.image.elfcore import MAX_LOADS
+    from ramfs.views.export import SequentialExport
+    from ramfs.views.elfcore import MAX_LOADS
     (name, case, _), = [r for r in harness.load_regressions() if r[0] == "mapped-bitmap-runs-quadratic"]
     path = tmp_path / "fragmented.img"
     harness.write_image(str(path), case)

@@ -21,14 +21,15 @@ from mountutil import mounted
 
 from ramfs.format.vmstate import FW_CFG_VMCOREINFO_FORMAT_ELF, VmcoreinfoState
 from ramfs.image import open_image
-from ramfs.image.elfcore import (
+from ramfs.views.elfcore import (
     MAX_GUEST_NOTE_SIZE,
     ElfCore,
     cpus_of,
     guest_note,
     vmcoreinfo_of,
 )
-from ramfs.image.phys import PhysView, phys_map
+from ramfs.image.phys import phys_map
+from ramfs.views.phys import PhysView
 
 MiB = 1 << 20
 VMCOREINFO = (b"VMCOREINFO", 0)

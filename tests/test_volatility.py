@@ -22,7 +22,8 @@ import pytest
 from conftest import REPO
 from fixture_data import MANIFEST, fixture_path
 from ramfs.image import open_image
-from ramfs.image.phys import Placement, PhysView
+from ramfs.image.phys import Placement
+from ramfs.views.phys import PhysView
 
 volatility3 = pytest.importorskip("volatility3")
 

@@ -43,9 +43,10 @@ from ramfs.fs.convertdir import TMP_PREFIX
 from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
-from ramfs.image.elfcore import ElfCore, cpus_of
+from ramfs.views.elfcore import ElfCore, cpus_of
 from ramfs.image.files import open_regular
-from ramfs.image.phys import PhysView, Placement
+from ramfs.image.phys import Placement
+from ramfs.views.phys import PhysView
 
 log = logging.getLogger("ramfs.fs")
 
@@ -315,7 +316,7 @@ class Tree:
     def _fill_export(self, d: DirNode, img: Image, mtime: int) -> None:
         """export/sequential.img: the image as a classic sequential save image (for QEMU < 9.0
         and libvirt < 11.2), produced on read; its size is exact before the first read."""
-        from ramfs.convert.export import SequentialExport
+        from ramfs.views.export import SequentialExport
         if img.data is None:
             return
         try:

@@ -509,9 +509,10 @@ class Runner:
             # The device state decoded by the VM description (vmstate.py), the CPUs taken from
             # it (core.elf notes), and the guest-physical map with a few reads through it.
             from ramfs.format.vmstate import cpu_states, parse_devices
-            from ramfs.convert.export import SequentialExport
-            from ramfs.image.elfcore import ElfCore, cpus_of
-            from ramfs.image.phys import PhysView, phys_map
+            from ramfs.views.export import SequentialExport
+            from ramfs.views.elfcore import ElfCore, cpus_of
+            from ramfs.image.phys import phys_map
+            from ramfs.views.phys import PhysView
             try:
                 with open_image(path, use_cache=False) as img:
                     try:

@@ -252,6 +252,12 @@ class SequentialExport:
     def pages(self) -> int:
         return sum(r.count for r in self.records)
 
+    def has_data(self, offset: int, size: int) -> bool:
+        return True  # a stream: every byte is a header or payload byte
+
+    def populated_ranges(self):
+        yield 0, self.size
+
     def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
         """``nowait``: only from the page cache, else :class:`~ramfs.image.files.WouldBlock`
         (the mount serves such reads on its event loop and retries the others in a thread)."""

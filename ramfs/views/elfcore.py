@@ -25,7 +25,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from ramfs.errors import RamfsError
-from ramfs.image.phys import PhysView
+from ramfs.views.phys import PhysView
 
 log = logging.getLogger(__name__)
 

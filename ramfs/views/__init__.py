@@ -1,0 +1,55 @@
+"""Views: a save image seen as one more file, produced on read.
+
+A view is what the mount serves as a large read-only file and what ``ramfs phys``/``core``/
+``export`` write out: its ``size``, ``read(offset, size, nowait=False)`` (``nowait``: from the
+page cache only, else :class:`~ramfs.image.files.WouldBlock`, so the FUSE loop can serve cached
+bytes without a thread hop), ``has_data(offset, size)`` (False: the range reads as zeros, no
+I/O) and ``populated_ranges()`` (what holds data, for ``st_blocks``, ``maps/`` and sparse
+copies). Every view implements :class:`View`; the tree adds one with
+:meth:`ramfs.fs.tree.Tree.view`. A new view is one module here and one line in
+``Tree.fill_image_dir``.
+
+* :class:`BlockView` (here): one RAM block, ``ram/<idstr>``;
+* :class:`ramfs.views.phys.PhysView`: guest-physical memory, ``phys/memory``;
+* :class:`ramfs.views.elfcore.ElfCore`: an ELF core like QEMU's dump, ``phys/core.elf``;
+* :class:`ramfs.views.export.SequentialExport`: a classic sequential save image,
+  ``export/sequential.img``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol, runtime_checkable
+
+from ramfs.image.model import Image, RamBlock
+
+
+@runtime_checkable
+class View(Protocol):
+    size: int
+
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytes: ...
+
+    def has_data(self, offset: int, size: int) -> bool: ...
+
+    def populated_ranges(self) -> Iterator[tuple[int, int]]: ...
+
+
+class BlockView:
+    """One RAM block of an image: offsets are block offsets."""
+
+    def __init__(self, image: Image, block: RamBlock):
+        self.image = image
+        self.block = block
+        self.size = block.used_length
+
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
+        return self.image.read(self.block, offset, size, nowait)
+
+    def has_data(self, offset: int, size: int) -> bool:
+        return self.block.has_data(offset, size)
+
+    def populated_ranges(self) -> Iterator[tuple[int, int]]:
+        return self.block.populated_ranges()
+
+
+__all__ = ["BlockView", "View"]
