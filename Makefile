@@ -50,5 +50,15 @@ stress: deps-test venv
 fuzz: deps-test venv
 	$(PY) scripts/fuzz.py --cases 100000 --seed 1
 
+# Volatility 3 and crash on four views of the Linux fixture (issue #16; docs/forensics.md,
+# Testing). Opt-in, not part of make test: fetches an 858 MB debug kernel on the first run.
+# IMAGE=..., QEMU_IMAGE=..., SYMBOLS=... (an ISF directory), VMLINUX=...; cache in
+# RAMFS_FORENSICS_CACHE (default /var/tmp/ramfs-forensics).
+.PHONY: forensics
+forensics: deps-test venv
+	$(PY) scripts/forensics.py $(if $(IMAGE),--image '$(IMAGE)') \
+		$(if $(QEMU_IMAGE),--qemu-image '$(QEMU_IMAGE)') $(if $(SYMBOLS),--symbols '$(SYMBOLS)') \
+		$(if $(VMLINUX),--vmlinux '$(VMLINUX)')
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
