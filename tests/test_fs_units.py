@@ -79,7 +79,7 @@ def test_tree_layout_for_a_libvirt_image():
                                            b"maps", b"phys", b"ram"]
         tables = path_inode(t, b"ram", b"rom@etc", b"acpi", b"tables")
         assert tables.size == 0x20000 and tables.blocks == 3 * 4096 // 512
-        m = path_inode(t, b"maps", b"pc.ram").data.decode().splitlines()
+        m = path_inode(t, b"maps", b"pc.ram").data.decode().splitlines()  # a StaticFile
         img = t.images[0]
         assert [tuple(map(int, ln.split())) for ln in m] == list(img.block("pc.ram").populated_ranges())
     finally:
@@ -125,9 +125,15 @@ def test_a_bug_in_a_handler_becomes_eio_not_a_crash(caplog):
     try:
         node = path_inode(t, b"ram", b"pc.ram")
 
-        def broken(off, size):
-            raise ZeroDivisionError("boom")
-        node.reader = node.cached_reader = broken
+        class Broken:
+            size = node.size
+
+            def read(self, off, size, nowait=False):
+                raise ZeroDivisionError("boom")
+
+            def has_data(self, off, size):
+                return True
+        node.view = Broken()
         fi = call(ops.open, node.inode, os.O_RDONLY, None)
         with pytest.raises(pyfuse3.FUSEError) as e:
             call(ops.read, fi.fh, 0, 10)

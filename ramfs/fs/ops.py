@@ -22,7 +22,9 @@ import trio
 from ramfs.errors import FormatError, ImageIOError, RamfsError
 from ramfs.fs import creds
 from ramfs.fs.convertdir import QUIET_SECONDS, Conversion, ConversionFailed
-from ramfs.fs.tree import BLOCK_BLKSIZE, CONVERT_DIR, ROOT_INODE, DirNode, FileNode, Node, Owner, Tree
+from ramfs.fs.tree import (BLOCK_BLKSIZE, CONVERT_DIR, ROOT_INODE, ConversionFile, DirNode, FileNode, Node, Owner,
+                           StaticFile, StatusFile, Tree, ViewFile)
+from ramfs.views import FileView
 from ramfs.image.files import WouldBlock
 
 log = logging.getLogger("ramfs.fs")
@@ -59,10 +61,6 @@ def errno_for(exc: BaseException, *, converting: bool = False) -> int:
 
 def _conv_errno(exc: BaseException) -> int:
     return errno_for(exc, converting=True)
-
-
-def _fd_reader(fd: int, off: int, size: int) -> bytes:
-    return os.pread(fd, size, off)
 
 
 def _invalidate_entry(parent_inode: int, name: bytes) -> None:
@@ -116,6 +114,7 @@ class Operations(pyfuse3.Operations):
         self._snapshots: dict[int, bytes] = {}
         self._writers: dict = {}
         self._populating: dict[int, trio.Lock] = {}
+        self._rescan_lock = trio.Lock()  # scans one at a time (the tree's threading rule)
         self.dynamic_root = tree.root is not None and tree.root.dynamic
         tree.on_entry_gone = _invalidate_entry
 
@@ -127,26 +126,34 @@ class Operations(pyfuse3.Operations):
         return node
 
     async def _ready(self, d: DirNode) -> None:
-        """Directory mode: open the image behind ``d`` once, off the event loop."""
-        if d.populate is None:
+        """Directory mode: open the image behind ``d`` once: built in a worker thread,
+        attached here on the loop (the tree's threading rule)."""
+        if not d.pending:
             return
         lock = self._populating.setdefault(d.inode, trio.Lock())
         async with lock:
-            if d.populate is not None:
-                populate = d.populate
-                await trio.to_thread.run_sync(populate, d, limiter=self.limiter)
-                d.populate = None
+            if d.pending:
+                built = await trio.to_thread.run_sync(self.tree.build_image, d, limiter=self.limiter)
+                self.tree.attach_image(d, built)
+
+    async def _rescan(self, force: bool = False) -> None:
+        """Directory mode: scan in a worker thread, apply on the loop, one scan at a time."""
+        if not self.dynamic_root or not (force or self.tree.rescan_due()):
+            return
+        async with self._rescan_lock:
+            plan = await trio.to_thread.run_sync(self.tree.scan, force, limiter=self.limiter)
+            if plan is not None:
+                self.tree.apply(plan)
 
     async def _refresh_root(self, d: DirNode) -> None:
-        if self.dynamic_root and d.inode == ROOT_INODE:
-            await trio.to_thread.run_sync(self.tree.rescan, limiter=self.limiter)
+        if d.inode == ROOT_INODE:
+            await self._rescan()
 
     async def _refresh_owners(self) -> None:
         """A changed owner or mode of a source shows within a second, even to a process
         whose working directory is inside an image (it never looks the root up)."""
         if self.dynamic_root:
-            if self.tree.rescan_due():
-                await trio.to_thread.run_sync(self.tree.rescan, limiter=self.limiter)
+            await self._rescan()
         else:
             self.tree.refresh_owners()
 
@@ -154,10 +161,10 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
-        changing = node.dynamic if isinstance(node, DirNode) else (node.dynamic_data or node.conversion)
+        changing = node.dynamic if isinstance(node, DirNode) else isinstance(node, (StatusFile, ConversionFile))
         a.entry_timeout = DYNAMIC_TIMEOUT if changing else ENTRY_TIMEOUT
         a.attr_timeout = DYNAMIC_TIMEOUT
-        if isinstance(node, FileNode) and node.conversion is not None:
+        if isinstance(node, ConversionFile):
             a.entry_timeout = a.attr_timeout = 0
         a.st_uid, a.st_gid, _ = node.owner.ids
         a.st_mode = node.st_mode
@@ -171,10 +178,10 @@ class Operations(pyfuse3.Operations):
             assert isinstance(node, FileNode)
             a.st_nlink = 1
             a.st_size = node.size
-            if node.conversion is not None:
+            if isinstance(node, ConversionFile):
                 a.st_size = node.conversion.assembler.size
-            elif node.dynamic_data is not None:
-                a.st_size = len(node.dynamic_data())
+            elif isinstance(node, StatusFile):
+                a.st_size = len(node.render())
             a.st_blocks = node.blocks
             a.st_blksize = BLOCK_BLKSIZE
         return a
@@ -227,20 +234,16 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            if node.conversion is not None:
-                raise pyfuse3.FUSEError(errno.EBUSY)
-            # An image is never overwritten: copying onto a finished conversion says so.
-            in_convert = self.tree.convert_dir is not None and node.name in self.tree.convert_dir.children \
-                and self.tree.convert_dir.children[node.name] is node and node.dynamic_data is None
-            raise pyfuse3.FUSEError(errno.EEXIST if in_convert else errno.EROFS)
-        if node.conversion is not None:
+        if isinstance(node, ConversionFile):
             raise pyfuse3.FUSEError(errno.EBUSY)  # still being written
-        if node.dynamic_data is not None:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            # An image is never overwritten: copying onto a finished conversion says so.
+            raise pyfuse3.FUSEError(errno.EEXIST if self._published(node) else errno.EROFS)
+        if isinstance(node, StatusFile):
             fh = next(self._handles)
-            self._snapshots[fh] = node.dynamic_data()
+            self._snapshots[fh] = node.render()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        if node.stream and self.tree.direct_io:
+        if isinstance(node, ViewFile) and self.tree.direct_io:
             # Keep guest memory out of the page cache too: it is what --direct-io is for.
             return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
@@ -250,22 +253,30 @@ class Operations(pyfuse3.Operations):
         if fh in self._snapshots:
             return self._snapshots[fh][off:off + size]
         node = self._node(fh)
-        if node.data is not None:
+        if isinstance(node, StaticFile):
             return node.data[off:off + size]
+        if not isinstance(node, ViewFile):
+            raise pyfuse3.FUSEError(errno.EBADF)
         if off >= node.size:
             return b""
         size = min(size, node.size - off)
-        if node.has_data is not None and size <= len(_ZEROS) and not node.has_data(off, size):
+        view = node.view
+        if size <= len(_ZEROS) and not view.has_data(off, size):
             return _ZEROS[:size]
-        if node.cached_reader is not None and size <= NOWAIT_MAX:
+        if size <= NOWAIT_MAX and not self.tree.direct_io:
             # Bytes already in the host page cache are copied here, on the loop: a thread hop
             # costs more than the copy (~2x the reads per second for cached 4 KiB pages), and
-            # RWF_NOWAIT guarantees this never waits for the disk.
+            # RWF_NOWAIT guarantees this never waits for the disk. (O_DIRECT never has them.)
             try:
-                return node.cached_reader(off, size)
+                return view.read(off, size, nowait=True)
             except WouldBlock:
                 pass
-        return await trio.to_thread.run_sync(node.reader, off, size, limiter=self.limiter)
+        return await trio.to_thread.run_sync(view.read, off, size, limiter=self.limiter)
+
+    def _published(self, node: Node) -> bool:
+        """A finished conversion, shown in convert/ under its name."""
+        cd = self.tree.convert_dir
+        return cd is not None and isinstance(node, ViewFile) and cd.children.get(node.name) is node
 
     # -- the convert/ directory (directory mode) -----------------------------------------
     def _in_convert(self, parent_inode: int) -> bool:
@@ -288,8 +299,7 @@ class Operations(pyfuse3.Operations):
             log.info("convert/%s refused: %s", os.fsdecode(name), e)
             raise pyfuse3.FUSEError(_conv_errno(e)) from None
         uid, gid = (ctx.uid, ctx.gid) if creds.can_act_as_others() else (os.geteuid(), os.getegid())
-        node = self.tree.file(self.tree.convert_dir, name, time.time_ns(), owner=Owner(uid, gid, perm),
-                              exact_mode=True, conversion=conv)
+        node = self.tree.add_conversion(name, Owner(uid, gid, perm), conv)
         fh = next(self._handles)
         self._writers[fh] = conv
         conv.node = node
@@ -314,7 +324,7 @@ class Operations(pyfuse3.Operations):
         conv = self._writers.get(fh)
         if conv is None:
             return
-        if conv.node.conversion is not None:
+        if not conv.settled:
             if conv.assembler.size == 0 and await trio.to_thread.run_sync(
                     self._more_to_come, conv, limiter=self.write_limiter):
                 # Nothing written yet and the file is still open elsewhere: a dup'ed
@@ -360,7 +370,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh):
         self._snapshots.pop(fh, None)
         conv = self._writers.pop(fh, None)
-        if conv is not None and conv.node.conversion is not None:
+        if conv is not None and not conv.settled:
             # Closed without a flush we could answer: finish anyway, so nothing half-written
             # survives and a complete copy is still published.
             try:
@@ -374,39 +384,36 @@ class Operations(pyfuse3.Operations):
         return None
 
     async def _conversion_over(self, conv: Conversion) -> None:
-        """The in-flight file becomes the finished image (read-only) or disappears."""
+        """The in-flight file becomes the finished image (read-only, same inode, served from
+        the descriptor the conversion wrote through) or disappears."""
         node = conv.node
-        if node.conversion is None:
+        if conv.settled:
             return
-        node.conversion = None
         d = self.tree.convert_dir
         if conv.published:
-            st = os.fstat(conv.published_fd)
-            node.owner = Owner.of(st)
-            node.exact_mode = False
-            node.size = st.st_size
-            node.blocks = st.st_blocks
-            node.reader = functools.partial(_fd_reader, conv.published_fd)
-            node.stream = True
-            self.tree.keep_fd(conv.published_fd)
-            await trio.to_thread.run_sync(self.tree.rescan, True, limiter=self.write_limiter)
+            view = FileView(conv.published_fd, conv.final_path)
+            self.tree.keep(view.close)
+            st = view.source.stat
+            done = ViewFile(node.inode, node.name, node.mtime_ns, Owner.of(st), size=view.size,
+                            blocks=st.st_blocks, view=view)
+            self.tree.replace(node, done)
+            conv.settled = True
+            await self._rescan(force=True)
         else:
-            if d.children.get(node.name) is node:
-                del d.children[node.name]
+            self.tree.replace(node, None)
             _invalidate_entry(d.inode, node.name)
-        conv.settled = True
+            conv.settled = True
 
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
-        conv = getattr(node, "conversion", None)
-        if conv is None:
-            cd = self.tree.convert_dir
-            if cd is not None and cd.children.get(node.name) is node and not fields.update_size:
+        if not isinstance(node, ConversionFile):
+            if self._published(node) and not fields.update_size:
                 # A finished conversion: copy tools set mode and times after closing the file
                 # (shutil.copy, cp -a, rsync); they are not kept, as while it was written.
                 return self._attrs(node)
             raise pyfuse3.FUSEError(errno.EROFS)
+        conv = node.conversion
         if fields.update_size:
             try:
                 conv.assembler.truncate(attr.st_size)

@@ -26,7 +26,6 @@ descriptor from then on.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
@@ -39,13 +38,14 @@ from typing import Callable
 from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
-from ramfs.fs.convertdir import TMP_PREFIX
+from ramfs.fs.convertdir import TMP_PREFIX, Conversion
 from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
 from ramfs.views.elfcore import ElfCore, cpus_of
 from ramfs.image.files import open_regular
 from ramfs.image.phys import Placement
+from ramfs.views import BlockView, View
 from ramfs.views.phys import PhysView
 
 log = logging.getLogger("ramfs.fs")
@@ -108,8 +108,8 @@ class Node:
 @dataclass(eq=False)
 class DirNode(Node):
     children: dict[bytes, Node] = field(default_factory=dict)
-    # Directory mode: called (off the event loop) before children are needed.
-    populate: Callable[["DirNode"], None] | None = None
+    # Directory mode: the image behind it is opened (off the event loop) when first looked in.
+    pending: bool = False
     dynamic: bool = False  # may change (directory mode): short kernel cache timeouts
     path: str | None = None  # directory mode: the image file behind this directory
     fd: int | None = None  # directory mode: that file, opened at listing, until populated
@@ -127,31 +127,79 @@ class DirNode(Node):
 
 @dataclass(eq=False)
 class FileNode(Node):
+    """A regular file; its kind (the subclass) says where its bytes come from."""
+
     size: int = 0
     blocks: int = 0  # st_blocks, in 512-byte units
-    data: bytes | None = None  # small metadata files live in memory
-    reader: Callable[[int, int], bytes] | None = None  # large files read through the image
-    has_data: Callable[[int, int], bool] | None = None  # False: the range reads as zeros, no I/O
-    # reader(offset, size, nowait=True) from the page cache only, or WouldBlock (on the loop)
-    cached_reader: Callable[..., bytes] | None = None
-    stream: bool = False  # content never changes and is costly: let the kernel cache it
-    exact_mode: bool = False  # a file being written in convert/: the caller's mode as asked
-    dynamic_data: Callable[[], bytes] | None = None  # generated at each open (STATUS)
-    conversion: object | None = None  # convert/: the conversion this file is being written to
 
     @property
     def st_mode(self) -> int:
-        return stat.S_IFREG | (self.owner.ids[2] & 0o777 if self.exact_mode else self.owner.file_mode)
+        return stat.S_IFREG | self.owner.file_mode
+
+
+@dataclass(eq=False)
+class StaticFile(FileNode):
+    """Small metadata (JSON, XML, maps, ERROR), held in memory."""
+
+    data: bytes = b""
+
+
+@dataclass(eq=False)
+class ViewFile(FileNode):
+    """A large file produced on read by a view (ramfs.views): block files, phys/memory,
+    core.elf, the export, a published conversion. Never changes: the kernel may cache it."""
+
+    view: View | None = None
+
+
+@dataclass(eq=False)
+class StatusFile(FileNode):
+    """Text made anew at each open (convert/STATUS)."""
+
+    render: Callable[[], bytes] | None = None
+
+
+@dataclass(eq=False)
+class ConversionFile(FileNode):
+    """convert/NAME while it is being written: the caller's, with the mode it asked for."""
+
+    conversion: Conversion | None = None
+
+    @property
+    def st_mode(self) -> int:
+        return stat.S_IFREG | (self.owner.ids[2] & 0o777)
+
+
+@dataclass
+class ScanPlan:
+    """What a scan of the backing directory found, for :meth:`Tree.apply` to make so."""
+
+    dir_stat: os.stat_result | None
+    added: list[tuple[bytes, tuple, DirNode]] = field(default_factory=list)  # new or changed
+    dropped: list[bytes] = field(default_factory=list)
+    owners: list[tuple[Owner, os.stat_result]] = field(default_factory=list)
 
 
 class Tree:
-    """The inode table and the nodes of one mount."""
+    """The inode table and the nodes of one mount.
+
+    The threading rule. Worker threads only compute: list the backing directory and open
+    what changed (:meth:`scan`), open an image and build its subtree detached from the tree
+    (:meth:`build_image`). They hand the result back, and the thread that owns the tree (the
+    event loop's; the one that created it) alone changes it (:meth:`apply`,
+    :meth:`attach_image`, :meth:`add_conversion`, :meth:`replace`), so that a request served
+    on the loop (``statfs`` walks ``nodes``) never sees a half-made change. Scans are one at a
+    time: the caller serializes scan and apply (the FUSE layer with a lock); the scan-private
+    state (``_preopened``, ``_not_images``, ``_scanned_at``) is touched by scans alone.
+    Mutators check the rule (:meth:`_owned`).
+    """
 
     def __init__(self, *, direct_io: bool = False, cache: str | None = None, below_4g: int | None = None,
                  placement: Placement | None = None):
         self.nodes: dict[int, Node] = {}
         self._next = ROOT_INODE
         self._lock = threading.Lock()
+        self._owner_thread = threading.get_ident()
         self.direct_io = direct_io
         self.cache = cache
         self.progress = None  # progress(done, total) while an image is first opened
@@ -169,14 +217,18 @@ class Tree:
         self._checked_at = 0.0
         # Directory mode: name -> (dev, ino, fd) opened as root before a --user drop.
         self._preopened: dict[bytes, tuple[int, int, int]] = {}
+        self._dir_fd: int | None = None
+        self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
+        self._not_images: dict[bytes, tuple] = {}
+        self._scanned_at = 0.0
         # Called with (parent inode, name) when directory mode drops or replaces an entry, so
         # the FUSE layer can make the kernel forget its cached dentry at once.
         self.on_entry_gone: Callable[[int, bytes], None] | None = None
-        self._rescanning = threading.Lock()
-        self._kept: list[int] = []  # descriptors of published conversions, closed at unmount
+        self._closers: list[Callable[[], None]] = []  # views of published conversions
 
-    def keep_fd(self, fd: int) -> None:
-        self._kept.append(fd)
+    def _owned(self) -> None:
+        if threading.get_ident() != self._owner_thread:
+            raise RuntimeError("the tree is changed only by the thread that owns it (see Tree)")
 
     def new_inode(self) -> int:
         with self._lock:
@@ -184,25 +236,62 @@ class Tree:
             self._next += 1
             return ino
 
-    def add(self, node: Node, parent: DirNode | None = None) -> Node:
-        self.nodes[node.inode] = node
-        if parent is not None:
-            parent.children[node.name] = node
+    # -- building (detached subtrees: any thread) ----------------------------------------
+    def _link(self, parent: DirNode, node: Node) -> Node:
+        parent.children[node.name] = node
         return node
 
     def mkdir(self, parent: DirNode, name: bytes, mtime_ns: int, **kw) -> DirNode:
         existing = parent.children.get(name)
         if isinstance(existing, DirNode):
             return existing
-        kw.setdefault("owner", parent.owner)
-        return self.add(DirNode(self.new_inode(), name, mtime_ns, **kw), parent)
-
-    def file(self, parent: DirNode, name: bytes, mtime_ns: int, **kw) -> FileNode:
-        if "data" in kw and kw["data"] is not None:
-            kw.setdefault("size", len(kw["data"]))
-            kw.setdefault("blocks", (len(kw["data"]) + 511) // 512)
         kw.setdefault("owner", parent.owner)  # a subtree mirrors one source
-        return self.add(FileNode(self.new_inode(), name, mtime_ns, **kw), parent)
+        return self._link(parent, DirNode(self.new_inode(), name, mtime_ns, **kw))
+
+    def static(self, parent: DirNode, name: bytes, mtime_ns: int, data: bytes) -> StaticFile:
+        return self._link(parent, StaticFile(self.new_inode(), name, mtime_ns, parent.owner, size=len(data),
+                                             blocks=(len(data) + 511) // 512, data=data))
+
+    def view(self, parent: DirNode, name: bytes, mtime_ns: int, view: View, *, blocks: int | None = None) -> ViewFile:
+        """A file served by ``view`` (ramfs.views); ``st_blocks`` counts what holds data."""
+        if blocks is None:
+            blocks = sum(b - a for a, b in view.populated_ranges()) // 512
+        return self._link(parent, ViewFile(self.new_inode(), name, mtime_ns, parent.owner, size=view.size,
+                                           blocks=blocks, view=view))
+
+    def status(self, parent: DirNode, name: bytes, mtime_ns: int, render: Callable[[], bytes]) -> StatusFile:
+        return self._link(parent, StatusFile(self.new_inode(), name, mtime_ns, parent.owner, render=render))
+
+    # -- changing (the owning thread only) -------------------------------------------------
+    def _register(self, node: Node) -> None:
+        """Make a built subtree reachable by inode."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            self.nodes[n.inode] = n
+            if isinstance(n, DirNode):
+                stack.extend(n.children.values())
+
+    def add_conversion(self, name: bytes, owner: Owner, conversion: Conversion) -> ConversionFile:
+        self._owned()
+        node = ConversionFile(self.new_inode(), name, time.time_ns(), owner, conversion=conversion)
+        self._link(self.convert_dir, node)
+        self._register(node)
+        return node
+
+    def replace(self, old: Node, new: Node | None) -> None:
+        """convert/: the file being written becomes the finished image (same inode) or goes."""
+        self._owned()
+        parent = self.convert_dir
+        if parent.children.get(old.name) is old:
+            del parent.children[old.name]
+        self.nodes.pop(old.inode, None)
+        if new is not None:
+            self._link(parent, new)
+            self._register(new)
+
+    def keep(self, close: Callable[[], None]) -> None:
+        self._closers.append(close)
 
     def close(self) -> None:
         for img in self.images:
@@ -211,13 +300,13 @@ class Tree:
         for _, _, fd in self._preopened.values():
             os.close(fd)
         self._preopened.clear()
-        for fd in self._kept:
-            os.close(fd)
-        self._kept.clear()
+        for close in self._closers:
+            close()
+        self._closers.clear()
         if self._image_fd is not None:
             os.close(self._image_fd)
             self._image_fd = None
-        if getattr(self, "_dir_fd", None) is not None:
+        if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
 
@@ -228,6 +317,7 @@ class Tree:
         self._image_fd = open_regular(path)
 
     def mount_image(self, path: str) -> None:
+        self._owned()
         if self._image_fd is None:
             self.open_image_file(path)
         # The image keeps a descriptor of its own: ours stays to watch the owner and mode.
@@ -235,13 +325,15 @@ class Tree:
                          progress=self.progress)
         self.images.append(img)
         st = img.source.stat  # fstat: the path may not be ours to stat (--user)
-        self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st)))
-        assert self.root.inode == ROOT_INODE
-        self.fill_image_dir(self.root, img, st.st_mtime_ns)
+        root = DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st))
+        assert root.inode == ROOT_INODE
+        self.fill_image_dir(root, img, st.st_mtime_ns)
+        self._register(root)
+        self.root = root
 
     def refresh_owners(self) -> None:
         """Single-image mode: take a changed owner or mode of the image (its fstat), at most
-        once a second. Directory mode does the same in :meth:`rescan`. Cheap: no I/O."""
+        once a second. Directory mode does the same in :meth:`apply`. Cheap: no I/O."""
         now = time.monotonic()
         if self._image_fd is None or self.root is None or now - self._checked_at < RESCAN_INTERVAL:
             return
@@ -252,6 +344,7 @@ class Tree:
             log.warning("cannot stat the image: %s", e.strerror)
 
     def fill_image_dir(self, d: DirNode, img: Image, mtime: int) -> None:
+        """Build the tree of one image under ``d`` (detached or not yet visible)."""
         ram = self.mkdir(d, b"ram", mtime)
         maps = self.mkdir(d, b"maps", mtime)
         for blk in img.blocks:
@@ -264,23 +357,20 @@ class Tree:
             if name in leaf_ram.children:
                 # A block whose path is also another block's directory: mark it, reversibly.
                 name += COLLISION_MARK
-            self.file(leaf_ram, name, mtime, size=blk.used_length,
-                      blocks=blk.populated_pages * blk.page_size // 512,
-                      reader=functools.partial(img.read, blk), has_data=blk.has_data, stream=True,
-                      cached_reader=self._nowait(functools.partial(img.read, blk)))
+            self.view(leaf_ram, name, mtime, BlockView(img, blk), blocks=blk.populated_pages * blk.page_size // 512)
             text = "".join(f"{a} {b}\n" for a, b in blk.populated_ranges()).encode()
-            self.file(leaf_maps, name, mtime, data=text)
+            self.static(leaf_maps, name, mtime, text)
         self._fill_cpus(d, img, mtime)
         self._fill_phys(d, img, maps, mtime)
         self._fill_export(d, img, mtime)
         facts = json.dumps(describe(img, placement=self.placement), indent=2).encode() + b"\n"
-        self.file(d, b"image.json", mtime, data=facts)
+        self.static(d, b"image.json", mtime, facts)
         if img.layout.vmdesc is not None:
-            self.file(d, b"devices.json", mtime, data=img.layout.vmdesc)
+            self.static(d, b"devices.json", mtime, img.layout.vmdesc)
         if img.domain_xml is not None:
-            self.file(d, b"domain.xml", mtime, data=img.domain_xml.encode())
+            self.static(d, b"domain.xml", mtime, img.domain_xml.encode())
         if img.cookie_xml is not None:
-            self.file(d, b"cookie.xml", mtime, data=img.cookie_xml.encode())
+            self.static(d, b"cookie.xml", mtime, img.cookie_xml.encode())
 
     def _fill_phys(self, d: DirNode, img: Image, maps: DirNode, mtime: int) -> None:
         """phys/memory (guest-physical addresses) and phys/core.elf, when the machine is known."""
@@ -294,24 +384,15 @@ class Tree:
         view = PhysView(img, pmap)
         phys = self.mkdir(d, b"phys", mtime)
         populated = list(view.populated_ranges())
-        self.file(phys, b"memory", mtime, size=view.size,
-                  blocks=sum(b - a for a, b in populated) // 512, reader=view.read,
-                  has_data=view.has_data, stream=True, cached_reader=self._nowait(view.read))
+        self.view(phys, b"memory", mtime, view, blocks=sum(b - a for a, b in populated) // 512)
         text = "".join(f"{a} {b}\n" for a, b in populated).encode()
-        self.file(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, data=text)
+        self.static(self.mkdir(maps, b"@phys", mtime), b"memory", mtime, text)
         try:
             core = ElfCore(view, cpus_of(img))
         except RamfsError as e:
             log.warning("%s: no core.elf: %s", img.path, e)
             return
-        self.file(phys, b"core.elf", mtime, size=core.size,
-                  blocks=sum(b - a for a, b in core.populated_ranges()) // 512, reader=core.read,
-                  has_data=core.has_data, stream=True, cached_reader=self._nowait(core.read))
-
-    def _nowait(self, read: Callable[..., bytes]) -> Callable[[int, int], bytes] | None:
-        """The page-cache-only variant of a view's reader, tried on the event loop first;
-        none with --direct-io (O_DIRECT never has the bytes in the page cache)."""
-        return None if self.direct_io else functools.partial(read, nowait=True)
+        self.view(phys, b"core.elf", mtime, core)
 
     def _fill_export(self, d: DirNode, img: Image, mtime: int) -> None:
         """export/sequential.img: the image as a classic sequential save image (for QEMU < 9.0
@@ -324,9 +405,7 @@ class Tree:
         except RamfsError as e:
             log.warning("%s: no export/: %s", img.path, e)
             return
-        self.file(self.mkdir(d, b"export", mtime), b"sequential.img", mtime, size=export.size,
-                  blocks=(export.size + 511) // 512, reader=export.read, stream=True,
-                  cached_reader=self._nowait(export.read))
+        self.view(self.mkdir(d, b"export", mtime), b"sequential.img", mtime, export)
 
     def _fill_cpus(self, d: DirNode, img: Image, mtime: int) -> None:
         """cpus.json: the vCPU registers, decoded from the device state through the vmdesc."""
@@ -337,15 +416,14 @@ class Tree:
             target, cpus = guest_cpus(parse_devices(img.data, img.layout))
         except RamfsError as e:
             log.warning("%s: no cpus.json: %s", img.path, e)
-            self.file(d, b"cpus.json", mtime, data=json.dumps({"error": str(e)}).encode() + b"\n")
+            self.static(d, b"cpus.json", mtime, json.dumps({"error": str(e)}).encode() + b"\n")
             return
         if target not in (None, "x86", "aarch64"):
             # Never another target's register names on these values: say what is not known.
             data = {"target": target, "error": "the registers of this target are not decoded"}
-            self.file(d, b"cpus.json", mtime, data=json.dumps(data).encode() + b"\n")
+            self.static(d, b"cpus.json", mtime, json.dumps(data).encode() + b"\n")
             return
-        self.file(d, b"cpus.json", mtime,
-                  data=json.dumps([c.to_dict() for c in cpus], indent=2).encode() + b"\n")
+        self.static(d, b"cpus.json", mtime, json.dumps([c.to_dict() for c in cpus], indent=2).encode() + b"\n")
 
     def _subdir(self, parent: DirNode, name: bytes, mtime: int) -> DirNode:
         existing = parent.children.get(name)
@@ -386,49 +464,45 @@ class Tree:
             self._preopened[name] = (st.st_dev, st.st_ino, fd)
 
     def mount_directory(self, path: str | None = None, *, convert_jobs: int = 1) -> None:
-        if getattr(self, "_dir_fd", None) is None:
+        self._owned()
+        if self._dir_fd is None:
             self.open_directory(path, convert_jobs=convert_jobs)
         st = os.fstat(self._dir_fd)
         self._dir_owner = Owner.of(st)
-        self.root = self.add(DirNode(self.new_inode(), b"", st.st_mtime_ns, self._dir_owner, dynamic=True))
-        self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
-        self._not_images: dict[bytes, tuple] = {}
-        self._scanned_at = 0.0
+        root = DirNode(self.new_inode(), b"", st.st_mtime_ns, self._dir_owner, dynamic=True)
         # convert/ is where the backing directory's writers may write: it mirrors its owner
         # and mode, write bits and sticky bit included, and the kernel checks them first.
-        self.convert_dir = self.add(DirNode(self.new_inode(), CONVERT_DIR, st.st_mtime_ns, self._dir_owner,
-                                            writable=True, dynamic=True), self.root)
-        self.file(self.convert_dir, b"STATUS", st.st_mtime_ns, size=0,
-                  dynamic_data=self.converter.status_text)
+        self.convert_dir = self.mkdir(root, CONVERT_DIR, st.st_mtime_ns, writable=True, dynamic=True)
+        self.status(self.convert_dir, b"STATUS", st.st_mtime_ns, self.converter.status_text)
+        self._register(root)
+        self.root = root
         self.rescan(force=True)
 
     def rescan_due(self) -> bool:
-        return self.root is not None and time.monotonic() - getattr(self, "_scanned_at", 0.0) >= RESCAN_INTERVAL
+        return self._dir_fd is not None and time.monotonic() - self._scanned_at >= RESCAN_INTERVAL
 
     def rescan(self, force: bool = False) -> None:
-        """Bring the root in line with the backing directory (blocking: call off the loop).
-        One at a time: a rescan that finds another running leaves it the work, unless forced."""
-        if self.root is None or not hasattr(self, "backing"):
-            return
-        if not self._rescanning.acquire(blocking=force):
-            return
-        try:
-            now = time.monotonic()
-            if not force and now - self._scanned_at < RESCAN_INTERVAL:
-                return
-            self._scanned_at = now
-            self._rescan()
-        finally:
-            self._rescanning.release()
+        """Scan and apply in this thread (mount time, tests): the owning thread only."""
+        plan = self.scan(force)
+        if plan is not None:
+            self.apply(plan)
 
-    def _rescan(self) -> None:
+    def scan(self, force: bool = False) -> ScanPlan | None:
+        """What changed in the backing directory (blocking: a worker thread; one at a time).
+        None when the last scan is recent. New and changed images are opened here."""
+        if self.root is None or self._dir_fd is None:
+            return None
+        now = time.monotonic()
+        if not force and now - self._scanned_at < RESCAN_INTERVAL:
+            return None
+        self._scanned_at = now
         try:
-            self._dir_owner.update(os.fstat(self._dir_fd))
+            plan = ScanPlan(os.fstat(self._dir_fd))
             it = os.scandir(self._dir_fd)
         except OSError as e:
             log.error("cannot list %s: %s", self.backing, e.strerror)
-            return
-        seen: dict[bytes, tuple] = {}
+            return None
+        seen: set[bytes] = set()
         with it:
             for entry in it:
                 name = os.fsencode(entry.name)
@@ -453,14 +527,14 @@ class Tree:
                 old = self._entries.get(name)
                 if st is None:
                     if old is not None:
-                        seen[name] = old[0]
+                        seen.add(name)
                         continue
                     pre = self._preopened.get(name)
                     st = os.fstat(pre[2]) if pre is not None else None
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else ("unreadable",)
                 if old is not None and old[0] == key:
-                    seen[name] = key
-                    old[1].owner.update(st)  # chmod/chown: shown within a rescan
+                    seen.add(name)
+                    plan.owners.append((old[1].owner, st))  # chmod/chown: shown within a rescan
                     continue
                 if self._not_images.get(name) == key:
                     continue
@@ -468,32 +542,43 @@ class Tree:
                 if node is None:
                     self._not_images[name] = key
                     continue
-                seen[name] = key
-                if old is not None:
-                    self._drop(name)
-                self._entries[name] = (key, node)
-                self.add(node, self.root)
-        for name in list(self._entries):
-            if name not in seen:
-                self._drop(name)
+                seen.add(name)
+                plan.added.append((name, key, node))
+        plan.dropped = [name for name in self._entries if name not in seen]
         for name in list(self._not_images):
             if name not in seen and name != CONVERT_DIR:
                 self._not_images.pop(name, None)
+        return plan
+
+    def apply(self, plan: ScanPlan) -> None:
+        """Make the tree show what :meth:`scan` found (the owning thread only)."""
+        self._owned()
+        if plan.dir_stat is not None:
+            self._dir_owner.update(plan.dir_stat)
+        for owner, st in plan.owners:
+            owner.update(st)
+        for name in plan.dropped:
+            self._drop(name)
+        for name, key, node in plan.added:
+            if name in self._entries:
+                self._drop(name)
+            self._entries[name] = (key, node)
+            self._link(self.root, node)
+            self._register(node)
 
     def _unreadable(self, name: bytes) -> DirNode:
         """An entry that cannot even be looked up as the user the mount reads as."""
         path = os.path.join(self.backing, os.fsdecode(name))
         d = DirNode(self.new_inode(), name, self.root.mtime_ns, self._dir_owner, dynamic=True, path=path)
         who = f" (the mount reads images as {self.reader_name})" if self.reader_name else ""
-        self.file(d, b"ERROR", d.mtime_ns, data=f"cannot open {path}: Permission denied{who}\n".encode())
+        self.static(d, b"ERROR", d.mtime_ns, f"cannot open {path}: Permission denied{who}\n".encode())
         return d
 
     def _new_entry(self, name: bytes, st: os.stat_result) -> DirNode | None:
         """The directory of a new (or changed) image, its file opened now; None when the
         entry is not a save image. A file we may not read shows with an ERROR."""
         path = os.path.join(self.backing, os.fsdecode(name))
-        d = DirNode(self.new_inode(), name, st.st_mtime_ns, Owner.of(st), populate=self._populate_image,
-                    dynamic=True, path=path)
+        d = DirNode(self.new_inode(), name, st.st_mtime_ns, Owner.of(st), pending=True, dynamic=True, path=path)
         pre = self._preopened.pop(name, None)
         if pre is not None and pre[:2] == (st.st_dev, st.st_ino):
             fd = pre[2]
@@ -505,8 +590,8 @@ class Tree:
             except ImageIOError as e:
                 if e.errno in (errno.EACCES, errno.EPERM):
                     who = f" (the mount reads images as {self.reader_name})" if self.reader_name else ""
-                    d.populate = None
-                    self.file(d, b"ERROR", st.st_mtime_ns, data=f"{e}{who}\n".encode())
+                    d.pending = False
+                    self.static(d, b"ERROR", st.st_mtime_ns, f"{e}{who}\n".encode())
                     return d
                 log.debug("%s: %s", path, e)
                 return None  # gone, swapped, a symlink now: the next scan sees what is there
@@ -531,22 +616,45 @@ class Tree:
         if self.on_entry_gone is not None:
             self.on_entry_gone(self.root.inode, name)
 
-    def _populate_image(self, d: DirNode) -> None:
+    def build_image(self, d: DirNode) -> tuple[DirNode, Image | None]:
+        """Open the image behind ``d`` and build its tree, detached (blocking: a worker
+        thread). :meth:`attach_image` shows it."""
+        staging = DirNode(d.inode, d.name, d.mtime_ns, d.owner)
         path = d.path
         with self._lock:
             fd, d.fd = d.fd, None
         if fd is None:  # dropped meanwhile
-            self.file(d, b"ERROR", d.mtime_ns, data=f"{path} was removed or replaced\n".encode())
-            return
+            self.static(staging, b"ERROR", d.mtime_ns, f"{path} was removed or replaced\n".encode())
+            return staging, None
         try:
             img = open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd, progress=self.progress)
         except RamfsError as e:
             log.warning("%s: %s", path, e)
-            self.file(d, b"ERROR", d.mtime_ns, data=f"{e}\n".encode())
-            return
+            self.static(staging, b"ERROR", d.mtime_ns, f"{e}\n".encode())
+            return staging, None
         except OSError as e:
             log.warning("%s: %s", path, e.strerror)
-            self.file(d, b"ERROR", d.mtime_ns, data=f"cannot read {path}: {e.strerror}\n".encode())
-            return
-        self.images.append(img)
-        self.fill_image_dir(d, img, d.mtime_ns)
+            self.static(staging, b"ERROR", d.mtime_ns, f"cannot read {path}: {e.strerror}\n".encode())
+            return staging, None
+        try:
+            self.fill_image_dir(staging, img, d.mtime_ns)
+        except BaseException:
+            img.close()
+            raise
+        return staging, img
+
+    def attach_image(self, d: DirNode, built: tuple[DirNode, Image | None]) -> None:
+        """Show what :meth:`build_image` built (the owning thread only)."""
+        self._owned()
+        staging, img = built
+        if img is not None:
+            self.images.append(img)
+        for child in staging.children.values():
+            self._link(d, child)
+            self._register(child)
+        d.pending = False
+
+    def populate(self, d: DirNode) -> None:
+        """Build and attach in this thread (the owning thread only)."""
+        if d.pending:
+            self.attach_image(d, self.build_image(d))

@@ -52,4 +52,30 @@ class BlockView:
         return self.block.populated_ranges()
 
 
-__all__ = ["BlockView", "View"]
+class FileView:
+    """A regular file held open, as it is (a published conversion in ``convert/``)."""
+
+    def __init__(self, fd: int, label: str):
+        from ramfs.image.files import FileSource
+
+        self.source = FileSource(label, fd)  # takes the descriptor over
+        self.size = self.source.size
+
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
+        if not nowait:
+            return self.source.read_at(offset, size)
+        buf = bytearray(max(0, min(size, self.size - offset)))
+        self.source.readinto_at(memoryview(buf), offset, nowait=True)
+        return bytes(buf)
+
+    def has_data(self, offset: int, size: int) -> bool:
+        return any(True for _ in self.source.data_ranges(offset, min(offset + size, self.size)))
+
+    def populated_ranges(self) -> Iterator[tuple[int, int]]:
+        return self.source.data_ranges(0, self.size)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+__all__ = ["BlockView", "FileView", "View"]
