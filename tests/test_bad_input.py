@@ -383,3 +383,18 @@ def test_compressed_mapped_ram_is_refused(mutable, tmp_path):
         open_image(out)
     with pytest.raises(UnsupportedError, match="mapped-ram stream inside a gzip"):
         open_image(out, reads=False)
+
+
+@pytest.mark.parametrize("name", ["libvirt/fw-pc-gzip.img", "libvirt/fw-pc-bzip2.img", "libvirt/fw-pc-xz.img",
+                                  "libvirt/fw-pc-lzop.img", "libvirt/fw-pc-zstd.img"])
+def test_compressed_images_cut_anywhere_fail_check(name, mutable):
+    """Every compression, cut anywhere (the last byte included): check finds the damage."""
+    src = fixture_path(name)
+    size = src.stat().st_size
+    img = mutable(src)
+    assert check(str(img)) == []
+    for cut in sorted({size - 1, size - 2, size - 7, size - 100, size // 2, size * 3 // 4}):
+        with open(img, "r+b") as f:
+            f.truncate(cut)
+        assert check(str(img)), (name, cut)
+        sparse_restore(src, img)

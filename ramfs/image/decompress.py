@@ -46,7 +46,7 @@ class Decompressor:
             elif fmt == SaveFormat.XZ:
                 self._stream = lzma.LZMAFile(self._raw, "rb", format=lzma.FORMAT_XZ)
             elif fmt == SaveFormat.ZSTD:
-                self._stream = zstandard.ZstdDecompressor().stream_reader(self._raw, read_across_frames=True)
+                self._stream = _ZstdFrames(self._raw)
             elif fmt == SaveFormat.LZOP:
                 prog = shutil.which("lzop")
                 if prog is None:
@@ -114,6 +114,54 @@ class Decompressor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _ZstdFrames:
+    """zstd frames one after another, like ``zstd -dc``, with the end of each frame seen:
+    input that stops inside a frame is a truncated image, not a shorter stream (zstandard's
+    stream reader returns what it has and says nothing). Zeros after the last frame are
+    padding."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = None  # the frame being decompressed
+        self._pending = b""  # input read past the end of the last frame
+        self._out = bytearray()
+        self._done = False
+
+    def read(self, n: int) -> bytes:
+        while len(self._out) < n and not self._done:
+            data = self._pending or self._raw.read(self.CHUNK)
+            self._pending = b""
+            if not data:
+                if self._obj is not None:
+                    raise FormatError("the zstd stream ends inside a frame: the image is truncated")
+                self._done = True
+                break
+            if self._obj is None:
+                if not data.strip(b"\0"):
+                    self._skip_padding()
+                    break
+                self._obj = self._dctx.decompressobj()
+            self._out += self._obj.decompress(data)
+            if self._obj.eof:
+                self._pending = self._obj.unused_data
+                self._obj = None
+        out = bytes(self._out[:n])
+        del self._out[:n]
+        return out
+
+    def _skip_padding(self) -> None:
+        while data := self._raw.read(self.CHUNK):
+            if data.strip(b"\0"):
+                raise FormatError("data after zero padding at the end of the zstd stream")
+        self._done = True
+
+    def close(self) -> None:
+        self._obj = None
 
 
 class _GzipMembers:
