@@ -1385,3 +1385,217 @@ def _build_linux_into(directory: Path, recipe: LinuxRecipe) -> None:
     }
     images.recipe_json.write_text(json.dumps(info, indent=1) + '\n')
     (directory / DONE_MARKER).write_text('done\n')
+
+
+# ------------------------------------------------- the Linux guest as libvirt saves it
+#
+# libvirt's save images of the ``build_linux`` guest, made without libvirt (and
+# without ramfs): virQEMUSaveHeader, the domain XML and the cookie as libvirt 11.3
+# writes them (qemu_saveimage.c virQEMUSaveDataWrite: XML, NUL, cookie, NUL, then
+# QEMU_SAVE_PADDING zero bytes), then the QEMU stream at 92 + data_len, unaligned.
+# ``raw`` (format 0) wraps the sequential stream byte for byte; ``sparse`` (format 6)
+# holds a mapped-ram stream that QEMU itself wrote at that offset (migrate to
+# file:PATH,offset=N truncates the file to N and keeps the header, as libvirt's fd
+# does), whose page offsets are therefore absolute file offsets as in real images.
+# ``pmemsave`` is pc.ram's ground truth: [0, ram) of a QEMU that restored the
+# sequential stream (build_linux proved such a restore byte-exact). Every image is
+# restored once by QEMU and compared with it before the set counts as built.
+
+LINUX_LIBVIRT_VERSION = 1
+LIBVIRT_SAVE_MAGIC = b'LibvirtQemudSave'
+LIBVIRT_SAVE_VERSION = 2
+LIBVIRT_SAVE_HEADER_SIZE = 92          # sizeof(virQEMUSaveHeader)
+LIBVIRT_SAVE_PADDING = 64 * 1024       # QEMU_SAVE_PADDING... zeros after XML and cookie
+LIBVIRT_FORMAT_RAW = 0
+LIBVIRT_FORMAT_SPARSE = 6
+
+LINUX_LIBVIRT_FILES = {
+    'raw': 'libvirt-raw.img',
+    'sparse': 'libvirt-sparse.img',
+    'pmemsave': 'pmemsave.bin',
+    'domain_xml': 'domain.xml',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinuxLibvirtImages:
+    """libvirt raw and sparse images of one ``build_linux`` guest, and its pc.ram truth."""
+
+    guest: LinuxGuestImages
+    directory: Path
+    raw: Path
+    sparse: Path
+    pmemsave: Path
+    domain_xml: Path
+
+    @property
+    def stream_offset(self) -> int:
+        """Where the QEMU stream starts in ``raw`` and ``sparse``."""
+        with open(self.raw, 'rb') as f:
+            return LIBVIRT_SAVE_HEADER_SIZE + struct.unpack_from('<I', f.read(24), 20)[0]
+
+
+def bzimage_release(kernel: str | os.PathLike[str]) -> str:
+    """The kernel release (``uname -r``) from a bzImage's setup header: the string its
+    ``kernel_version`` field (at 0x20e) points to, minus 0x200, up to the first space."""
+    with open(kernel, 'rb') as f:
+        head = f.read(0x10000)
+    if head[0x202:0x206] != b'HdrS':
+        raise QemuError('%s is not a bzImage (no HdrS setup header)' % kernel)
+    pointer, = struct.unpack_from('<H', head, 0x20E)
+    text = head[pointer + 0x200:head.index(b'\0', pointer + 0x200)].decode()
+    return text.split(' ', 1)[0]
+
+
+def machine_vcpus(args: MachineArgs) -> int:
+    """The number of vCPUs of a guest command line (its -smp)."""
+    return int(args.args[args.args.index('-smp') + 1].split(',')[0].removeprefix('cpus='))
+
+
+def linux_domain_xml(images: LinuxGuestImages) -> str:
+    """A domain XML such as libvirt keeps in the save image of this guest (TCG, the
+    machine type QEMU resolved, its RAM, vCPUs, kernel, initrd and command line)."""
+    from xml.sax.saxutils import escape
+    machine = images.info['machine_type'].removesuffix('-machine')
+    kib = images.recipe.ram_bytes // 1024
+    return ("<domain type='qemu'>\n"
+            "  <name>ramfs-test-linux-%s</name>\n"
+            "  <uuid>52414d46-5346-4958-0003-000000000001</uuid>\n"
+            "  <memory unit='KiB'>%d</memory>\n"
+            "  <currentMemory unit='KiB'>%d</currentMemory>\n"
+            "  <vcpu placement='static'>%d</vcpu>\n"
+            "  <os>\n"
+            "    <type arch='x86_64' machine='%s'>hvm</type>\n"
+            "    <kernel>%s</kernel>\n"
+            "    <initrd>%s</initrd>\n"
+            "    <cmdline>%s</cmdline>\n"
+            "  </os>\n"
+            "  <cpu mode='custom' match='exact' check='none'>\n"
+            "    <model fallback='forbid'>qemu64</model>\n"
+            "  </cpu>\n"
+            "  <clock offset='utc'/>\n"
+            "  <devices>\n"
+            "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+            "    <serial type='null'>\n"
+            "      <target type='isa-serial' port='0'/>\n"
+            "    </serial>\n"
+            "    <memballoon model='none'/>\n"
+            "  </devices>\n"
+            "</domain>\n"
+            % (images.recipe.machine, kib, kib, machine_vcpus(images.machine_args()), escape(machine),
+               escape(os.fspath(images.kernel)), escape(os.fspath(images.initrd)),
+               escape(images.recipe.append)))
+
+
+LINUX_LIBVIRT_COOKIE = ("<cookie>\n"
+                        "  <cpu mode='custom' match='exact' check='full'>\n"
+                        "    <model fallback='forbid'>qemu64</model>\n"
+                        "  </cpu>\n"
+                        "</cookie>\n")
+
+
+def libvirt_save_header(xml: str, save_format: int, cookie: str | None = LINUX_LIBVIRT_COOKIE,
+                        was_running: bool = False) -> bytes:
+    """virQEMUSaveHeader and its data area, as libvirt writes them (the QEMU stream
+    follows at the returned length)."""
+    data = xml.encode() + b'\0'
+    cookie_offset = 0
+    if cookie is not None:
+        cookie_offset = len(data)
+        data += cookie.encode() + b'\0'
+    data += bytes(LIBVIRT_SAVE_PADDING)
+    header = struct.pack('<16s5I14I', LIBVIRT_SAVE_MAGIC, LIBVIRT_SAVE_VERSION, len(data),
+                         int(was_running), save_format, cookie_offset, *([0] * 14))
+    assert len(header) == LIBVIRT_SAVE_HEADER_SIZE
+    return header + data
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy leaving zero pages as holes (the pmemsave of a mostly empty guest)."""
+    zero = bytes(PAGE_SIZE)
+    with open(src, 'rb') as fin, open(dst, 'wb') as fout:
+        while chunk := fin.read(MIB):
+            for off in range(0, len(chunk), PAGE_SIZE):
+                page = chunk[off:off + PAGE_SIZE]
+                if page == zero[:len(page)]:
+                    fout.seek(len(page), os.SEEK_CUR)
+                else:
+                    fout.write(page)
+        fout.truncate()
+
+
+def linux_libvirt_cache_dir(recipe: LinuxRecipe) -> Path:
+    return cache_root() / ('linux-%s-libvirt-%d' % (linux_cache_key(recipe)[:16], LINUX_LIBVIRT_VERSION))
+
+
+def _linux_libvirt_in(directory: Path, guest: LinuxGuestImages) -> LinuxLibvirtImages:
+    return LinuxLibvirtImages(guest=guest, directory=directory,
+                              **{field: directory / name for field, name in LINUX_LIBVIRT_FILES.items()})
+
+
+def _linux_libvirt_is_complete(images: LinuxLibvirtImages) -> bool:
+    return (images.directory / DONE_MARKER).is_file() and all(
+        getattr(images, field).is_file() for field in LINUX_LIBVIRT_FILES)
+
+
+def build_linux_libvirt(recipe: LinuxRecipe = LINUX_Q35_VMCOREINFO) -> LinuxLibvirtImages:
+    """The libvirt raw and sparse images of ``build_linux(recipe)`` and its pc.ram
+    truth, built on a cache miss (temporary sibling directory, renamed when DONE, flock)."""
+    guest = build_linux(recipe)
+    final = linux_libvirt_cache_dir(recipe)
+    images = _linux_libvirt_in(final, guest)
+    if _linux_libvirt_is_complete(images):
+        return images
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
+        if _linux_libvirt_is_complete(images):
+            return images
+        for stale in final.parent.glob(final.name + '.tmp-*'):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
+        try:
+            _build_linux_libvirt_into(work, guest)
+            work.chmod(CACHE_DIR_MODE)
+            os.rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return images
+
+
+def _build_linux_libvirt_into(directory: Path, guest: LinuxGuestImages) -> None:
+    images = _linux_libvirt_in(directory, guest)
+    args = guest.machine_args()
+    xml = linux_domain_xml(guest)
+    images.domain_xml.write_text(xml)
+    truth = directory / 'pmemsave.full'  # as big as RAM: removed below
+    check = directory / 'check.full'
+    with open(images.raw, 'wb') as out, open(guest.sequential, 'rb') as src:
+        out.write(libvirt_save_header(xml, LIBVIRT_FORMAT_RAW))
+        shutil.copyfileobj(src, out, 16 * MIB)
+    sparse_head = libvirt_save_header(xml, LIBVIRT_FORMAT_SPARSE)
+    images.sparse.write_bytes(sparse_head)
+    try:
+        with _scratch_dir() as scratch, _start(args, scratch, 'libvirt', incoming=True) as qemu:
+            qemu.load(guest.sequential)
+            qemu.pmemsave(args.ram_bytes, truth)
+            qemu.set_capabilities(MAPPED_RAM_CAPABILITIES)
+            qemu.set_parameters(max_bandwidth=MAX_BANDWIDTH)
+            qemu.qmp.execute('migrate', uri=_file_uri(images.sparse, len(sparse_head)))
+            qemu.wait_for_migration('save to %s' % images.sparse)
+        with open(images.sparse, 'rb') as f:
+            if f.read(len(sparse_head)) != sparse_head:
+                raise QemuError('QEMU overwrote the libvirt header of %s' % images.sparse)
+        for image, capabilities in ((images.raw, ()), (images.sparse, MAPPED_RAM_CAPABILITIES)):
+            restore_and_dump(image, args, capabilities=capabilities, offset=len(sparse_head),
+                             out_path=check)
+            _check_same(check, truth, 'QEMU\'s pmemsave after restoring %s' % image.name)
+        _copy_sparse(truth, images.pmemsave)
+    finally:
+        truth.unlink(missing_ok=True)
+        check.unlink(missing_ok=True)
+    for path in (images.raw, images.sparse, images.pmemsave):
+        path.chmod(0o444)
+    (directory / DONE_MARKER).write_text('done\n')

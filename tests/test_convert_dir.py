@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -224,21 +225,33 @@ def test_convert_dir_permissions_and_readonly_rest(backing, tmp_path):
             open(mp / "a.save" / "ram" / "pc.ram", "r+b")
 
 
-@pytest.mark.skipif(__import__("fixture_data").shared_fixtures_dir() is None, reason="../shared/fixtures not present")
+@pytest.mark.qemu
 def test_cp_of_the_linux_guest_equals_the_cli_conversion(backing, tmp_path):
-    """The Linux guest (../shared) through cp: the same bytes as ramfs convert, whose output
-    QEMU restores to the guest's memory (tests/test_convert.py)."""
-    from fixture_data import shared_fixture_path
+    """A Linux guest made at test time (qemu_images.build_linux), its libvirt raw image and its
+    bare sequential stream through cp: the same bytes as ramfs convert, and QEMU restores
+    them to the guest's memory."""
+    import qemu_images
+    lv = qemu_images.build_linux_libvirt()
     mp = tmp_path / "mp"
     with mounted(backing, mp):
-        for name in ("linux/linux-q35-raw.img", "linux/linux-q35-sequential.img"):
-            src = shared_fixture_path(name)
-            dst = Path(name).name
+        for src, dst in ((lv.raw, "linux-q35-raw.img"), (lv.guest.sequential, "linux-q35-sequential.img")):
             r = subprocess.run(["cp", str(src), str(mp / "convert" / dst)], capture_output=True, text=True)
             assert r.returncode == 0, r.stderr
             cli = tmp_path / f"cli-{dst}"
             convert_file(str(src), str(cli))
-            assert sha(backing / dst) == sha(cli), name
+            assert sha(backing / dst) == sha(cli), dst
+    dump = tmp_path / "pmemsave.bin"
+    for dst, libvirt in (("linux-q35-raw.img", True), ("linux-q35-sequential.img", False)):
+        with open(backing / dst, "rb") as f:
+            head = f.read(92)
+        offset = 0
+        if libvirt:  # a libvirt sparse image (format 6): the stream after header and XML
+            assert head[:16] == b"LibvirtQemudSave" and struct.unpack_from("<I", head, 28)[0] == 6
+            offset = 92 + struct.unpack_from("<I", head, 20)[0]
+        qemu_images.restore_and_dump(backing / dst, lv.guest.machine_args(), capabilities=("mapped-ram",),
+                                     offset=offset, out_path=dump)
+        assert qemu_images.first_difference(dump, lv.pmemsave) is None, dst
+        dump.unlink()
 
 
 def _as_nobody(*cmd: str, stdin=None) -> subprocess.CompletedProcess:

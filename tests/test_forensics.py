@@ -1,7 +1,11 @@
-"""Third-party forensic tools on the mounted phys/ views of the Linux guest of ../shared.
+"""Third-party forensic tools on the mounted phys/ views of a Linux guest made at test time.
 
-The guest (128 MiB q35, Debian's 6.1.0-56-amd64 kernel, one vCPU halted in the idle loop) is
-mounted from its libvirt sparse (mapped-ram) and raw (sequential) images, and:
+The guest is ``qemu_images.build_linux()`` (q35, Debian 12's kernel and busybox, one vCPU idle
+in ``sleep``; built with real QEMU under TCG and cached), saved by QEMU into libvirt sparse
+(mapped-ram) and raw (sequential) images (``qemu_images.build_linux_libvirt()``). Its kernel
+release comes from the bzImage's setup header, its machine type from QEMU, and the vCPU's
+halted state and the physical address of its rip from a QEMU that restored the guest. It is
+mounted from both images, and:
 
 * Volatility 3 ``banners.Banners`` (needs no symbols) must find on ``phys/core.elf`` exactly the
   kernel banners that are in ``ram/pc.ram``, at their guest-physical addresses (Volatility
@@ -15,7 +19,8 @@ mounted from its libvirt sparse (mapped-ram) and raw (sequential) images, and:
   (QEMU's layout) and the CORE/QEMU notes;
 * ``gdb`` must read the registers of the core as cpus.json has them, and memory by address;
 * cpus.json must describe a 64-bit kernel: long mode, CPL 0, rip in the kernel text mapping,
-  and a page-table walk from cr3 through phys/memory must land on the ``hlt`` it halted at.
+  halted as QEMU says it is, and a page-table walk from cr3 through phys/memory must land where
+  QEMU's ``gva2gpa`` does, on the ``sti; hlt`` of the idle loop when the vCPU is halted.
 
 Volatility runs offline, with its cache in ``${RAMFS_TEST_CACHE:-~/.cache/ramfs-tests}/
 volatility3`` (never the user's own). Each tool is skipped when it is not installed.
@@ -23,6 +28,7 @@ volatility3`` (never the user's own). Each tool is skipped when it is not instal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,14 +40,13 @@ from pathlib import Path
 
 import pytest
 
-from fixture_data import cache_root, shared_fixture_path, shared_fixtures_dir
+import qemu_images as qi
+from fixture_data import cache_root
 from mountutil import mounted
 
-pytestmark = [pytest.mark.shared,
-              pytest.mark.skipif(shared_fixtures_dir() is None, reason="../shared/fixtures not present")]
+pytestmark = pytest.mark.qemu
 
-IMAGES = ["linux/linux-q35-sparse.img", "linux/linux-q35-raw.img"]
-KERNEL_RELEASE = "6.1.0-56-amd64"  # the fixture's kernel (../shared/fixtures/README.md)
+IMAGES = ["sparse", "raw"]  # attributes of qemu_images.LinuxLibvirtImages
 KERNEL_TEXT = (0xFFFFFFFF80000000, 0xFFFFFFFFC0000000)  # __START_KERNEL_map .. MODULES_VADDR
 VOL_TIMEOUT = 600
 FULL = os.environ.get("RAMFS_FORENSICS_FULL", "") not in ("", "0")
@@ -54,10 +59,40 @@ BANNER_CHARS = frozenset(b" #()+,;/-.0123456789:@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcd
 
 # --------------------------------------------------------------------------- the mounted guest
 
+@pytest.fixture(scope="module")
+def built() -> qi.LinuxLibvirtImages:
+    return qi.build_linux_libvirt()
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuView:
+    """What a QEMU that restored the guest says about its vCPU."""
+    halted: bool
+    rip: int
+    rip_gpa: int  # HMP gva2gpa of rip: QEMU's own page walk
+
+
+@pytest.fixture(scope="module")
+def qemu_view(built) -> QemuView:
+    g = built.guest
+    with qi._scratch_dir() as scratch, qi._start(g.machine_args(), scratch, "forensics", incoming=True) as q:
+        q.load(g.sequential)
+        regs = q.qmp.hmp("info registers")
+        rip = int(re.search(r"\bRIP=([0-9a-f]+)", regs).group(1), 16)
+        gpa = re.search(r"gpa: 0x([0-9a-f]+)", q.qmp.hmp(f"gva2gpa {rip:#x}"))
+        assert gpa, f"QEMU cannot translate rip {rip:#x}"
+        return QemuView(halted=re.search(r"\bHLT=([01])", regs).group(1) == "1", rip=rip,
+                        rip_gpa=int(gpa.group(1), 16))
+
+
 class Guest:
-    def __init__(self, name: str, mp: Path):
+    def __init__(self, name: str, mp: Path, built: qi.LinuxLibvirtImages):
         self.name = name
         self.mp = mp
+        self.built = built
+        self.kernel_release = qi.bzimage_release(built.guest.kernel)
+        self.machine = built.guest.info["machine_type"].removesuffix("-machine")  # as QEMU resolved it
+        self.vcpus = qi.machine_vcpus(built.guest.machine_args())
         self.core = mp / "phys" / "core.elf"
         self.memory = mp / "phys" / "memory"
         self.cpus = json.loads((mp / "cpus.json").read_text())
@@ -88,20 +123,20 @@ class Guest:
         return out
 
 
-@pytest.fixture(scope="module", params=IMAGES, ids=lambda n: Path(n).stem)
-def guest(request, tmp_path_factory):
-    src = shared_fixture_path(request.param)
+@pytest.fixture(scope="module", params=IMAGES, ids=lambda n: f"libvirt-{n}")
+def guest(request, tmp_path_factory, built):
+    src = getattr(built, request.param)
     base = tmp_path_factory.mktemp("forensics")
     # conftest's isolated cache is function-scoped; this mount outlives one test.
     env = dict(os.environ, RAMFS_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "ramfs-cache"))
     with mounted(src, base / "mp", env=env):
-        yield Guest(request.param, base / "mp")
+        yield Guest(request.param, base / "mp", built)
 
 
 def test_the_guest_has_the_expected_kernel_banner(guest):
     """The premise of the Volatility tests: the banner is in pc.ram, below 4 GiB."""
-    assert guest.image["phys"]["machine"] == "pc-q35-10.0"
-    assert any(text.startswith(f"Linux version {KERNEL_RELEASE} ") for _, text in guest.banners)
+    assert guest.image["phys"]["machine"] == guest.machine
+    assert any(text.startswith(f"Linux version {guest.kernel_release} ") for _, text in guest.banners)
     assert all(gpa < guest.image["phys"]["below_4g"] for gpa, _ in guest.banners)
 
 
@@ -195,6 +230,8 @@ def test_readelf_accepts_core_elf(guest):
     assert len(re.findall(r"^\s*NOTE\s", out, re.M)) == 1
     assert len(re.findall(r"^\s*CORE\s+0x00000150\s+NT_PRSTATUS", out, re.M)) == len(guest.cpus)
     assert len(re.findall(r"^\s*QEMU\s+0x000001b8\s+Unknown note type: \(0x00000000\)", out, re.M)) == len(guest.cpus)
+    vmcoreinfo = [n for n, _, _ in elf_notes(guest.built.guest.dump_head.read_bytes()) if n == b"VMCOREINFO"]
+    assert len(re.findall(r"^\s*VMCOREINFO\s+0x[0-9a-f]+\s", out, re.M)) == len(vmcoreinfo)
 
 
 # --------------------------------------------------------------------------- gdb
@@ -229,22 +266,26 @@ CR4_PAE = 1 << 5
 DESC_L = 1 << 21  # QEMU's segment flags: the 64-bit code segment bit
 
 
-def test_cpus_json_is_a_64_bit_kernel(guest):
-    assert len(guest.cpus) == 1  # <vcpu>1</vcpu>
+def test_cpus_json_is_a_64_bit_kernel(guest, qemu_view):
+    assert len(guest.cpus) == guest.vcpus  # -smp of the guest
     cpu = guest.cpus[0]
     assert cpu["efer"] & EFER_LME and cpu["efer"] & EFER_LMA
     assert cpu["cr0"] & CR0_PE and cpu["cr0"] & CR0_PG and cpu["cr4"] & CR4_PAE
     assert cpu["cs"]["flags"] & DESC_L and cpu["cs"]["selector"] & 3 == 0 and cpu["hflags"] & 3 == 0
     assert KERNEL_TEXT[0] <= cpu["rip"] < KERNEL_TEXT[1], hex(cpu["rip"])
     assert cpu["rsp"] >= 0xFFFF800000000000, hex(cpu["rsp"])
-    assert cpu["halted"] is True
-    # The idle loop halted with "sti; hlt": walk the guest's page tables from cr3 through
-    # phys/memory to rip, and find those two instructions just before it.
+    assert cpu["rip"] == qemu_view.rip
+    assert cpu["halted"] is qemu_view.halted
+    # Walk the guest's page tables from cr3 through phys/memory to rip: the same address as
+    # QEMU's walk. A vCPU halted in the idle loop halted with "sti; hlt": find those two
+    # instructions just before it.
     with open(guest.memory, "rb") as mem:
         pa = translate(mem, cpu["cr3"], cpu["rip"])
+        assert pa == qemu_view.rip_gpa, (hex(pa), hex(qemu_view.rip_gpa))
         assert any(a <= pa < b for a, b in guest.populated)
-        mem.seek(pa - 2)
-        assert mem.read(2) == b"\xfb\xf4", hex(pa)
+        if qemu_view.halted:
+            mem.seek(pa - 2)
+            assert mem.read(2) == b"\xfb\xf4", hex(pa)
 
 
 def translate(mem, cr3: int, va: int) -> int:
@@ -262,10 +303,8 @@ def translate(mem, cr3: int, va: int) -> int:
     raise AssertionError("unreachable")
 
 
-def test_core_notes_carry_cpus_json(guest):
-    """NT_PRSTATUS (pid, user_regs) and QEMU's CPU state note agree with cpus.json."""
-    with open(guest.core, "rb") as f:
-        head = f.read(1 << 16)
+def elf_notes(head: bytes) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each note of an ELF core's first program header (PT_NOTE)."""
     phoff, = struct.unpack_from("<Q", head, 32)
     p_type, _, off, _, _, size, _, _ = struct.unpack_from("<IIQQQQQQ", head, phoff)
     assert p_type == 4
@@ -277,7 +316,18 @@ def test_core_notes_carry_cpus_json(guest):
         dpos = pos + 12 + (namesz + 3) // 4 * 4
         notes.append((name, ntype, head[dpos:dpos + descsz]))
         pos = dpos + (descsz + 3) // 4 * 4
-    assert [(n, t) for n, t, _ in notes] == [(b"CORE", 1), (b"QEMU", 0)] * len(guest.cpus)
+    return notes
+
+
+def test_core_notes_carry_cpus_json(guest):
+    """NT_PRSTATUS (pid, user_regs) and QEMU's CPU state note agree with cpus.json; the notes
+    are those of QEMU's own dump of the guest (CPU notes, then the kernel's VMCOREINFO)."""
+    with open(guest.core, "rb") as f:
+        head = f.read(1 << 16)
+    notes = elf_notes(head)
+    theirs = [(n, t) for n, t, _ in elf_notes(guest.built.guest.dump_head.read_bytes())]
+    assert theirs[:2 * len(guest.cpus)] == [(b"CORE", 1), (b"QEMU", 0)] * len(guest.cpus)
+    assert [(n, t) for n, t, _ in notes] == theirs
     for i, cpu in enumerate(guest.cpus):
         prstatus, qemu = notes[2 * i][2], notes[2 * i + 1][2]
         assert struct.unpack_from("<I", prstatus, 32)[0] == i + 1  # pr_pid

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import qemu_images
-from fixture_data import entries, fixture_path, shared_fixture_path, shared_fixtures_dir
+from fixture_data import entries, fixture_path
 
 from ramfs.errors import FormatError, TruncatedError
 from ramfs.format.qemu import parse_stream
@@ -404,15 +404,17 @@ def test_small_pc_encodings_decode_identically(small_pc):
 
 
 @pytest.mark.qemu
-@pytest.mark.shared
 def test_registers_equal_qemu_linux_long_mode():
-    """The shared Linux guest (not shipped): 64-bit long mode, paging, TCG."""
-    if shared_fixtures_dir() is None:
-        pytest.skip("../shared/fixtures is not present")
-    image = shared_fixture_path("linux/linux-q35-sequential.img")
-    shown = check_against_qemu(image, qemu_images.LINUX_Q35_LIBVIRT)
-    assert "RIP" in shown and shown["EFER"] & (1 << 10)  # LMA
-    assert shown["CR3"] and shown["CR4"] & (1 << 5)  # paging with PAE
+    """A Linux guest made at test time (qemu_images.build_linux, TCG): 64-bit long mode,
+    paging; its bare streams and its libvirt raw and sparse images."""
+    lv = qemu_images.build_linux_libvirt()
+    guest = lv.guest
+    args = guest.machine_args()
+    for image, caps, offset in ((guest.sequential, (), 0), (guest.mapped_ram, ("mapped-ram",), 0),
+                                (lv.raw, (), lv.stream_offset), (lv.sparse, ("mapped-ram",), lv.stream_offset)):
+        shown = check_against_qemu(image, args, caps, offset)
+        assert "RIP" in shown and shown["EFER"] & (1 << 10)  # LMA
+        assert shown["CR3"] and shown["CR4"] & (1 << 5)  # paging with PAE
 
 
 # ------------------------------------------------------------------------ damage
