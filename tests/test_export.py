@@ -140,17 +140,16 @@ def test_exported_mapped_ram_fixture_restores_without_mapped_ram(name, way, tmp_
 
 
 @pytest.mark.qemu
-@pytest.mark.shared
-@pytest.mark.skipif(__import__("fixture_data").shared_fixtures_dir() is None, reason="../shared/fixtures not present")
 def test_exported_linux_guest_restores_without_mapped_ram(tmp_path):
-    """libvirt's own sparse save of the Linux guest, exported through the mount."""
-    from fixture_data import shared_fixture_path
+    """A Linux guest's libvirt sparse save (written by QEMU at test time), exported through
+    the mount: QEMU without mapped-ram restores it to the guest's memory."""
+    lv = qemu_images.build_linux_libvirt()
     out = tmp_path / "linux-export.img"
-    _export(shared_fixture_path("linux/linux-q35-sparse.img"), out, "mount-cp", tmp_path)
+    _export(lv.sparse, out, "mount-cp", tmp_path)
     dump = tmp_path / "linux.bin"
-    qemu_images.restore_and_dump(out, qemu_images.LINUX_Q35_LIBVIRT, capabilities=(), offset=stream_offset(out),
+    qemu_images.restore_and_dump(out, lv.guest.machine_args(), capabilities=(), offset=stream_offset(out),
                                  out_path=dump)
-    difference = first_difference(dump, shared_fixture_path("linux/linux-q35-pmemsave.bin"))
+    difference = first_difference(dump, lv.pmemsave)
     assert difference is None, f"QEMU restored the Linux export with different RAM: {difference}"
 
 
