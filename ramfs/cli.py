@@ -6,10 +6,16 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from ramfs import __version__
 from ramfs.errors import RamfsError
+
+if TYPE_CHECKING:
+    from ramfs.progress import Progress
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # check found problems
@@ -29,6 +35,12 @@ def _utf8(text: str) -> str:
     """Bytes that are not UTF-8 (kept with surrogateescape) as ``\\xNN``; nothing else changed
     (for JSON, which escapes control characters itself)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# Completion of file and directory names (shtab reads an argument's ``complete``; the values
+# are shtab.FILE and shtab.DIRECTORY, spelled out so that building the parser never imports it).
+COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+COMPLETE_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
 
 
 def _show(text: str) -> str:
@@ -240,44 +252,37 @@ def cmd_convert(args) -> int:
         if r.already_sparse:
             print(f"{_show(args.dst)}: already mapped-ram; stored as it is ({r.size} bytes)")
         else:
-            print(f"{_show(args.dst)}: mapped-ram ({'libvirt sparse, format 6' if r.container == 'libvirt' else 'bare'}),"
-                  f" {sum(r.populated)} populated pages, {r.size} bytes, {r.seconds:.2f} s")
+            kind = "libvirt sparse, format 6" if r.container == "libvirt" else "bare"
+            print(f"{_show(args.dst)}: mapped-ram ({kind}), {sum(r.populated)} populated pages, {r.size} bytes, "
+                  f"{r.seconds:.2f} s")
     return EXIT_OK
 
 
 def _parse_size(text: str) -> int:
-    m = __import__("re").fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), __import__("re").I)
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.I)
     if not m:
         raise RamfsError(f"not a size: {text!r} (e.g. 2G, 3072M)")
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
 
 
 @contextlib.contextmanager
-def _new_file(out: str, bar):
-    """An open file that becomes ``out`` only when complete: written under a temporary name
-    (removed on any failure or signal), fsynced, then linked, so nothing is overwritten."""
-    from ramfs import tempfiles
+def _new_file(out: str, bar: Progress) -> Iterator[BinaryIO]:
+    """An open file that becomes ``out`` only when complete (:mod:`ramfs.publish`: a 0600
+    temporary removed on any failure or signal, fsynced, then linked, so nothing is
+    overwritten)."""
+    from ramfs.publish import NewFile
 
-    if os.path.lexists(out):
-        raise RamfsError(f"{out} already exists")
-    tmp = f"{out}.ramfs-{os.getpid()}.tmp"
-    tempfiles.register(tmp)
     try:
-        # 0600 from the moment it exists (the umask can only remove bits): guest memory is
-        # private to whoever wrote it, never readable by others while or after it is written.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
+        with NewFile(out) as new, open(new.fd, "wb", closefd=False) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, out)
+            new.publish()
+    except FileExistsError:
+        raise RamfsError(f"{out} already exists") from None
     except OSError as e:
         raise RamfsError(f"cannot write {out}: {e.strerror}") from None
     finally:
         bar.done()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        tempfiles.unregister(tmp)
 
 
 def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
@@ -461,8 +466,8 @@ def cmd_umount(args) -> int:
 
 
 def add_mount_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("source", metavar="IMAGE|DIR", help="a save image, or a directory of them")
-    s.add_argument("mountpoint")
+    s.add_argument("source", metavar="IMAGE|DIR", help="a save image, or a directory of them").complete = COMPLETE_FILE
+    s.add_argument("mountpoint").complete = COMPLETE_DIR
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
@@ -526,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  ramfs info --json vm.save | jq '.blocks[] | {idstr, populated_bytes}'\n"
                        "  ramfs info --jsonl /var/lib/libvirt/qemu/save/*.save | jq -r 'select(.error) | .path'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image", nargs="+")
+    s.add_argument("image", nargs="+").complete = COMPLETE_FILE
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md, "
                      "schema docs/info.schema.json), one document per image")
@@ -539,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
                        epilog="examples:\n  ramfs ls vm.save\n  ramfs ls --bytes vm.save | sort -k2 -n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image")
+    s.add_argument("image").complete = COMPLETE_FILE
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     s.set_defaults(func=cmd_ls)
@@ -548,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  ramfs check vm.save\n"
                        "  for f in /var/lib/libvirt/qemu/save/*.save; do ramfs check \"$f\"; done",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image")
+    s.add_argument("image").complete = COMPLETE_FILE
     add_placement_arguments(s)
     s.set_defaults(func=cmd_check)
     s = sub.add_parser("convert", help="convert a sequential image to mapped-ram (libvirt 'sparse')",
@@ -559,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  ramfs convert --jobs 4 --direct-io /var/lib/libvirt/qemu/save/vm.save /srv/vm.save\n"
                        "  virsh restore vm-sparse.save --parallel-channels 4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("src")
-    s.add_argument("dst")
+    s.add_argument("src").complete = COMPLETE_FILE
+    s.add_argument("dst").complete = COMPLETE_FILE
     s.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel page writers (default 1)")
     s.add_argument("--direct-io", action="store_true",
                    help="write page data with O_DIRECT, keeping it out of the page cache")
@@ -574,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  ramfs export vm-sparse.save vm-classic.save\n"
                        "  ramfs export --format zstd vm-sparse.save vm.save.zst && virsh restore vm.save.zst",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image")
-    s.add_argument("out")
+    s.add_argument("image").complete = COMPLETE_FILE
+    s.add_argument("out").complete = COMPLETE_FILE
     s.add_argument("--format", choices=list(EXPORT_FORMATS), default="raw",
                    help="compress the stream like libvirt (needs a libvirt image; default raw)")
     s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
@@ -587,8 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(a new file), for tools such as Volatility 3, crash and gdb.",
                            epilog=f"example:\n  ramfs {name} vm.save {'vm.mem' if name == 'phys' else 'vm.elf'}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        s.add_argument("image")
-        s.add_argument("out")
+        s.add_argument("image").complete = COMPLETE_FILE
+        s.add_argument("out").complete = COMPLETE_FILE
         s.add_argument("--below-4g", metavar="SIZE", help="override the RAM split (max-ram-below-4g)")
         add_placement_arguments(s)
         s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
@@ -617,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "any conversion into convert/ has finished or been cleaned up).",
                        epilog="examples:\n  ramfs umount /mnt/vm\n  ramfs umount --timeout 600 /mnt/saves",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("mountpoint")
+    s.add_argument("mountpoint").complete = COMPLETE_DIR
     s.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for open files to close before stopping the daemon")
     s.set_defaults(func=cmd_umount)

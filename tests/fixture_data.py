@@ -35,7 +35,8 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MANIFEST_FILE = DATA_DIR / "manifest.json"

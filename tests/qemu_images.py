@@ -383,7 +383,7 @@ class QMPClient:
             self._sock.settimeout(remaining)
             try:
                 chunk = self._sock.recv(65536)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise QemuTimeoutError('QMP %s: no answer in time' % self.path) from exc
             if not chunk:
                 raise QemuError('QMP connection %s closed (QEMU exited?)' % self.path)

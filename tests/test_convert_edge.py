@@ -55,8 +55,9 @@ def test_big_endian_header_keeps_its_byte_order(mutable, tmp_path):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_runs_of_records_convert_like_single_records(seed, tmp_path):
-    """The converter's run path (MappedRamWriter.run): zero runs over written pages punch
-    them, all-zero PAGE payloads stay holes, and the last record of a page wins."""
+    """The converter's run path (MappedRamWriter.pages/.zeros, count > 1): zero runs over
+    written pages punch them, all-zero PAGE payloads stay holes, and the last record of a
+    page wins."""
     import random
 
     from streams import PS, random_records, sequential_stream

@@ -176,7 +176,7 @@ def test_sparse_bitmap_equals_the_dense_one(seed, tmp_path):
     import random
 
     from ramfs.format.qemu import MappedRamHeader, RamBlockRecord, bits_beyond, populated_count, set_runs
-    from ramfs.image.bitmap import CHUNK, SPARSE_FROM, SparseBitmap, load_bitmap
+    from ramfs.image.bitmap import CHUNK, SPARSE_FROM, DenseBitmap, SparseBitmap, load_bitmap
     from ramfs.image.files import FileSource
     rng = random.Random(seed)
     pages = (SPARSE_FROM * 8) * 3 + rng.randrange(0, 64 * 8)  # a bitmap of ~3 MiB
@@ -206,3 +206,22 @@ def test_sparse_bitmap_equals_the_dense_one(seed, tmp_path):
     assert sparse.bits_beyond(pages) == bits_beyond(dense, pages)
     for first, last in [(0, pages)] + [tuple(sorted(rng.sample(range(pages + 1), 2))) for _ in range(5)]:
         assert list(sparse.set_runs(first, last)) == list(set_runs(dense, first, last))
+    # Both kinds answer the same interface alike (ramfs.image.bitmap.Bitmap).
+    whole = DenseBitmap(dense)
+    assert bool(whole) and whole.populated_count(pages) == sparse.populated_count(pages)
+    assert whole.bits_beyond(pages) == sparse.bits_beyond(pages)
+    assert list(whole.set_runs(0, pages)) == list(sparse.set_runs(0, pages))
+    for bm in (whole, sparse):  # the pieces hold every set bit, in order
+        got = [(base + a, base + b) for base, bits in bm.pieces() for a, b in set_runs(bits, 0, len(bits) * 8)]
+        assert got == sorted(got)
+        assert sum(b - a for a, b in got) == populated_count(dense, pages) + bits_beyond(dense, pages)
+    assert not DenseBitmap(b"") and list(DenseBitmap(b"").pieces()) == []
+    assert DenseBitmap(b"").populated_count(pages) == DenseBitmap(b"").bits_beyond(pages) == 0
+
+
+def test_merge_ranges():
+    from ramfs.ranges import merge_ranges
+    assert list(merge_ranges([])) == []
+    assert list(merge_ranges([(1, 2)])) == [(1, 2)]
+    assert list(merge_ranges([(0, 2), (2, 3), (5, 6), (5, 9), (6, 7), (10, 11)])) == [(0, 3), (5, 9), (10, 11)]
+    assert list(merge_ranges(iter([(0, 10), (1, 2), (3, 12)]))) == [(0, 12)]

@@ -150,7 +150,7 @@ def test_assembler_tail_matches_a_bytearray_model(seed, monkeypatch, tmp_path):
     from ramfs.fs import convertdir
     monkeypatch.setattr(convertdir, "TAIL_KEEP", 1000)
     rng = random.Random(seed)
-    asm = convertdir.Assembler(str(tmp_path / "spool"))
+    asm = convertdir.Assembler(os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     model, model_end = bytearray(), 0
     pos = 0
     for _ in range(300):
@@ -170,6 +170,7 @@ def test_assembler_tail_matches_a_bytearray_model(seed, monkeypatch, tmp_path):
         got = b"".join(asm._tail)
         assert asm._tail_end == model_end and asm._tail_len == len(got) >= len(model)
         assert got[-1000:] == bytes(model)
+    asm.close()
 
 
 def test_nowait_reads_only_from_the_page_cache():
@@ -205,3 +206,35 @@ def test_nowait_reads_only_from_the_page_cache():
             assert again == buf == data[4096:4096 + 65536]
         finally:
             src.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_assembler_spooled_ranges_match_a_set_model(seed, tmp_path):
+    """Writes ahead of the stream are spooled; the ranges kept are those of the bytes
+    written, merged where they overlap or touch, and they read back as written."""
+    from ramfs.fs import convertdir
+    rng = random.Random(seed)
+    asm = convertdir.Assembler(os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    written: dict[int, int] = {}
+    for _ in range(rng.choice([1, 10, 200])):
+        offset = rng.randrange(1, 3000)
+        data = bytes(rng.randrange(1, 256) for _ in range(rng.choice([1, 2, 17, 100])))
+        asm.write(offset, data)
+        written.update((offset + k, b) for k, b in enumerate(data))
+        want, cur = [], None
+        for p in sorted(written):
+            if cur is not None and cur[1] == p:
+                cur = (cur[0], p + 1)
+            else:
+                if cur is not None:
+                    want.append(cur)
+                cur = (p, p + 1)
+        want.append(cur)
+        assert asm._ahead == want
+    asm.write(0, b"\0")  # the stream starts: everything up to the first gap follows it
+    asm.close_input()
+    got = b""
+    while chunk := asm.read(1000):
+        got += chunk
+    assert got == bytes(written.get(p, 0) for p in range(len(got))) and len(got) == max(written) + 1
+    asm.close()

@@ -67,6 +67,35 @@ def test_bash_completion_completes(words, want, tmp_path):
     assert want in r.stdout.split(), r.stdout + r.stderr
 
 
+def test_bash_completion_completes_file_and_directory_names(tmp_path):
+    """Images, outputs and sources complete to file names, mountpoints to directories."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "fw-pc-sparse.img").write_bytes(b"x")
+    (work / "fw-pc-raw.img").write_bytes(b"x")
+    (work / "mnt-a").mkdir()
+    script = tmp_path / "ramfs.bash"
+    script.write_text(ramfs("completion", "bash").stdout)
+
+    def complete(line: str) -> list[str]:
+        probe = (f"source {script}\ncd {work}\n"
+                 f"COMP_LINE='{line}'; COMP_POINT={len(line)}\n"
+                 f"read -ra COMP_WORDS <<< '{line}'\n"
+                 f"[[ '{line}' == *' ' ]] && COMP_WORDS+=('')\n"
+                 "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))\n"
+                 "fn=$(complete -p ramfs | sed -E 's/.*-F ([^ ]+).*/\\1/')\n"
+                 "$fn ramfs \"${COMP_WORDS[COMP_CWORD]}\" \"${COMP_WORDS[COMP_CWORD-1]}\"\n"
+                 "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+        r = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        return sorted(w.rstrip("/") for w in r.stdout.split())
+
+    assert complete("ramfs info fw-pc-sp") == ["fw-pc-sparse.img"]
+    assert complete("ramfs convert fw-pc-r") == ["fw-pc-raw.img"]
+    assert complete("ramfs mount fw-pc-raw.img mnt") == ["mnt-a"]
+    assert complete("ramfs mount fw-pc-raw.img fw") == []  # a mountpoint is a directory
+    assert "_files" in ramfs("completion", "zsh").stdout
+
+
 def test_zsh_completion_is_generated_for_every_command():
     text = ramfs("completion", "zsh").stdout
     assert text.startswith("#compdef ramfs")

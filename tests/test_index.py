@@ -37,7 +37,11 @@ def test_index_matches_a_dict_model(seed, tmp_path):
     for _ in range(rng.choice([0, 50, 3000])):
         p = rng.choice(hot) if rng.random() < 0.3 else rng.randrange(num_pages)
         off = 0 if rng.random() < 0.3 else rng.randrange(1, 1 << 40) * 8
-        idx.sink(0, p, off)  # the last record wins
+        # the last record wins
+        if off:
+            idx.pages(0, p, 1, b"", 0, 0, off)
+        else:
+            idx.zeros(0, p, 1)
         model[p] = off
     rec = RamBlockRecord(index=0, idstr="b", used_length=num_pages * PS, offset=0)
     blk = IndexedBlock(rec, PS, idx)
@@ -63,9 +67,31 @@ def test_index_matches_a_dict_model(seed, tmp_path):
 
 # --- the parser's run fast path (qemu._RUN_ZERO/_RUN_PAGE) against record-by-record sinks ---
 
+class RecordingSink:
+    """A qemu.RecordSink keeping every call, and every page as ``(block, page, payload)``."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.seen: list[tuple[int, int, bytes | None]] = []
+
+    def start(self, ram) -> None:
+        assert ram.page_size == PS and not self.seen
+
+    def pages(self, block, first, count, buf, pos, stride, offset) -> None:
+        assert (count == 1 and stride == 0) or stride == 8 + PS
+        self.calls.append(("pages", block, first, count, offset, stride))
+        for n in range(count):
+            o = pos + n * stride
+            self.seen.append((block, first + n, bytes(buf[o:o + PS])))
+
+    def zeros(self, block, first, count) -> None:
+        self.calls.append(("zeros", block, first, count))
+        self.seen.extend((block, first + n, None) for n in range(count))
+
+
 @pytest.mark.parametrize("seed", range(10))
-def test_run_fast_path_equals_record_by_record(seed):
-    from ramfs.format.qemu import parse_stream, parse_stream_payloads
+def test_run_fast_path_equals_record_by_record(seed, monkeypatch):
+    from ramfs.format import qemu
     from ramfs.format.source import BytesSource
     rng = random.Random(seed)
     blocks = [("pc.ram", (CHUNK_PAGES + 300) * PS), ("vga.vram", 70 * PS)]
@@ -75,13 +101,18 @@ def test_run_fast_path_equals_record_by_record(seed):
     want = [dict() for _ in blocks]
     for b, p, payload in recs:
         want[b][p] = payload
-    by_page = PageIndex(len(blocks))
     with_runs = PageIndex(len(blocks))
-    parse_stream(BytesSource(data), on_page=by_page.sink)
-    calls = []
-    parse_stream(BytesSource(data), on_page=with_runs.sink,
-                 on_run=lambda *a: (calls.append(a), with_runs.run(*a)))
-    for b, (name, size) in enumerate(blocks):
+    qemu.parse_stream(BytesSource(data), sink=with_runs)
+    seen = RecordingSink()
+    qemu.parse_stream(BytesSource(data), sink=seen)
+    by_page = PageIndex(len(blocks))
+    with monkeypatch.context() as m:
+        m.setattr(qemu._Parser, "_run", lambda self, *a: 0)  # never a run: record by record
+        qemu.parse_stream(BytesSource(data), sink=by_page)
+        one_by_one = RecordingSink()
+        qemu.parse_stream(BytesSource(data), sink=one_by_one)
+    assert all(c[3] == 1 for c in one_by_one.calls)
+    for b, (_name, size) in enumerate(blocks):
         for p in range(size // PS):
             off = with_runs.lookup(b, p)
             assert off == by_page.lookup(b, p), (b, p)
@@ -91,10 +122,10 @@ def test_run_fast_path_equals_record_by_record(seed):
         assert with_runs.bits[b].keys() == by_page.bits[b].keys()
         for no in with_runs.bits[b]:
             assert with_runs.bits[b][no] == by_page.bits[b][no]
-    # Payload sinks get the same pages in the same order either way.
-    seen = []
-    parse_stream_payloads(BytesSource(data), lambda b, p, v: seen.append((b, p, None if v is None else bytes(v))))
-    assert seen == recs
+    # A sink gets the same pages in the same order either way, with their file offsets.
+    assert seen.seen == one_by_one.seen == recs
+    offsets = [c[4] + n * c[5] for c in seen.calls if c[0] == "pages" for n in range(c[3])]
+    assert [data[o:o + PS] for o in offsets] == [p for _, _, p in recs if p is not None]
 
 
 def test_run_fast_path_is_taken_and_checks_like_the_slow_one():
@@ -104,19 +135,21 @@ def test_run_fast_path_is_taken_and_checks_like_the_slow_one():
     blocks = [("pc.ram", 512 * PS)]
     recs = [(0, p, None) for p in range(200)] + [(0, p, b"\x01" * PS) for p in range(200, 400)]
     data = sequential_stream(recs, blocks)
-    calls = []
-    parse_stream(BytesSource(data), on_run=lambda *a: calls.append(a), on_page=lambda *a: None)
-    assert sum(c[2] for c in calls if c[3] == 0) >= 128 and sum(c[2] for c in calls if c[3]) >= 128
+    sink = RecordingSink()
+    parse_stream(BytesSource(data), sink=sink)
+    runs = [c for c in sink.calls if c[3] > 1]
+    assert sum(c[3] for c in runs if c[0] == "zeros") >= 128
+    assert sum(c[3] for c in runs if c[0] == "pages") >= 128
     # A non-zero fill byte inside a zero run is still an error.
     bad = bytearray(data)
     first = data.index(b"\0\0\0\0\0\0\x50\x22")  # the record of page 5 (CONTINUE|ZERO)
     bad[first + 8] = 7
     with pytest.raises(FormatError, match="fill byte"):
-        parse_stream(BytesSource(bytes(bad)), on_run=lambda *a: None, on_page=lambda *a: None)
+        parse_stream(BytesSource(bytes(bad)), sink=RecordingSink())
     # A run reaching past the block's end is still an error (pages 90..99 of a 90-page block).
     data = sequential_stream([(0, p, None) for p in range(100)], [("pc.ram", 90 * PS)])
     with pytest.raises(FormatError, match="past the end of block"):
-        parse_stream(BytesSource(data), on_run=lambda *a: None, on_page=lambda *a: None)
+        parse_stream(BytesSource(data), sink=RecordingSink())
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -10,8 +10,6 @@ import shutil
 import threading
 import time
 
-import pytest
-
 from conftest import sparse_copy
 from fixture_data import fixture_path
 from mountutil import mounted
@@ -28,10 +26,12 @@ def test_only_the_owning_thread_changes_the_tree(tmp_path):
         node = tree.root.children[b"a.save"]
         errors = []
 
+        built = []
+
         def worker():
-            built = tree.build_image(node)  # computing is fine anywhere
+            built.append(tree.build_image(node))  # computing is fine anywhere
             try:
-                tree.attach_image(node, built)  # changing is not
+                tree.attach_image(node, built[0])  # changing is not
             except RuntimeError as e:
                 errors.append(e)
             shutil.copy(fixture_path("firmware/q35-sequential.img"), d / "b.save")
@@ -49,7 +49,7 @@ def test_only_the_owning_thread_changes_the_tree(tmp_path):
         assert b"b.save" not in tree.root.children and node.pending
         tree.apply(errors[2])  # the loop's thread applies what the worker found
         assert b"b.save" in tree.root.children
-        tree.populate(node)
+        tree.attach_image(node, built[0])  # ... and what it built
         assert b"ram" in node.children and node.children[b"ram"].inode in tree.nodes
     finally:
         tree.close()

@@ -11,22 +11,28 @@ tail), never by the image size.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from ramfs import tempfiles
 from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, UnsupportedError
 from ramfs.format import encode
-from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, SaveFormat, is_libvirt_magic,
-                                  parse_header)
-from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, SectionType, StreamLayout,
-                               is_qemu_magic, parse_stream_payloads)
+from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, LibvirtHeader, SaveFormat,
+                                  is_libvirt_magic, parse_header)
+from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, RamSetup, SectionType, StreamLayout,
+                               is_qemu_magic, parse_stream, parse_stream_with_tail)
 from ramfs.format.source import ForwardSource
 from ramfs.image.files import FileSource
-from ramfs.convert.writer import MappedRamWriter, plan_blocks
+from ramfs.publish import NewFile, reopen_direct
+from ramfs.convert.writer import BlockLayout, MappedRamWriter, plan_blocks
+
+if TYPE_CHECKING:
+    from ramfs.image.decompress import Decompressor
 
 COPY_CHUNK = 1 << 20
 _ZERO_BLOCK = bytes(4096)
@@ -155,43 +161,16 @@ def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0, pa
     return result
 
 
-def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, container, source_format):
+def _convert_qemu(stream: _Input | Decompressor, fd: int, base: int, lv_header: LibvirtHeader | None,
+                  jobs: int, direct_fd: int | None, t0: float, container: str,
+                  source_format: str) -> ConvertResult:
     # Peek at the configuration: a mapped-ram stream is stored as it is.
     first = b""
     while len(first) < 4096 and (chunk := stream.read(4096 - len(first))):
         first += chunk
-    seekable = getattr(stream, "seekable", None) if isinstance(stream, _Input) else None
-    state: dict = {}
-
-    def on_setup(parser) -> None:
-        conf = parser.configuration_record
-        if conf is None:
-            raise UnsupportedError("the stream has no configuration section, so it cannot announce "
-                                   "mapped-ram (saved with send-configuration=off)")
-        if CAP_MAPPED_RAM in parser.capabilities:
-            raise FormatError("internal: a mapped-ram stream reached the sequential converter")
-        if CAP_X_IGNORE_SHARED in parser.capabilities:
-            raise UnsupportedError("x-ignore-shared streams cannot be converted: QEMU 10.0 cannot "
-                                   "restore mapped-ram with x-ignore-shared")
-        caps = encode.with_capability(parser.capabilities, CAP_MAPPED_RAM)
-        head = (encode.file_header() + encode.configuration(conf, caps)
-                + encode.section_start(parser.ram_section_id)
-                + encode.mem_size(sum(b.used_length for b in parser.blocks)))
-        layout = plan_blocks(tuple(parser.blocks), base + len(head), parser.page_size)
-        _pwrite_all(fd, head, base)
-        for blk in layout:
-            record = encode.block_record(blk.record.idstr, blk.record.used_length)
-            _pwrite_all(fd, record + encode.mapped_ram_header(parser.page_size, blk.bitmap_offset,
-                                                              blk.pages_offset),
-                        blk.header_offset - len(record))
-        state["layout"] = layout
-        state["writer"] = MappedRamWriter(fd, layout, parser.page_size, jobs=jobs, direct_fd=direct_fd)
-        parser.on_page = state["writer"].page  # from here on, records go straight to the writer
-        parser.on_payload_run = state["writer"].run
-
-    def on_page(block, page, payload) -> None:
-        raise FormatError("page record before the RAM block list", None)
-
+    # An uncompressed file is parsed straight from the file (see convert_stream).
+    seekable = stream.seekable if isinstance(stream, _Input) else None
+    progress = stream.progress if isinstance(stream, _Input) else None
     if len(first) >= 4 and is_qemu_magic(first):
         probe = _peek_caps(first)
         if probe is not None and CAP_MAPPED_RAM in probe:
@@ -206,23 +185,23 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
                                                       complete=True), 0)
                 os.fsync(fd)
             return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
+    # The writer is the parser's record sink: pages go straight from the stream to their slots.
+    writer = MappedRamWriter(fd, functools.partial(_start_output, fd, base), jobs=jobs, direct_fd=direct_fd)
     try:
         if seekable is not None:
-            reporting = _Reporting(seekable, stream.progress, drop_cache=direct_fd is not None)
-            layout_src, _ = parse_stream_payloads(reporting, on_page, base, seekable.size, on_setup=on_setup)
+            reporting = _Reporting(seekable, progress, drop_cache=direct_fd is not None)
+            layout_src = parse_stream(reporting, base, seekable.size, sink=writer)
             tail = seekable.read_at(layout_src.device_offset, layout_src.end - layout_src.device_offset)
             reporting.finish()
             layout_src = _rebase(layout_src, base)
         else:
             fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
-            layout_src, tail = parse_stream_payloads(fwd, on_page, 0, None, on_setup=on_setup)
+            layout_src, tail = parse_stream_with_tail(fwd, 0, None, sink=writer)
     except BaseException:
-        if "writer" in state:
-            state["writer"].abort()
+        writer.abort()
         raise
-    writer: MappedRamWriter = state["writer"]
     writer.finish()
-    size = _write_stream_tail(fd, base, state["layout"], layout_src, tail)
+    size = _write_stream_tail(fd, base, writer.layout, layout_src, tail)
     os.ftruncate(fd, size)
     os.fsync(fd)
     if direct_fd is not None:
@@ -234,6 +213,32 @@ def _convert_qemu(stream, fd, base: int, lv_header, jobs, direct_fd, t0, contain
     populated = tuple(int.from_bytes(bm, "little").bit_count() for bm in writer.bitmaps)
     return ConvertResult(container, source_format, False, writer.pages_written, writer.zero_pages, size,
                          time.monotonic() - t0, populated, layout_src.warnings)
+
+
+def _start_output(fd: int, base: int, ram: RamSetup) -> list[BlockLayout]:
+    """Once the source's block list is known: check that it can be converted, place every
+    block as QEMU's ``ram_save_setup`` would, and write everything before the first page
+    region (file header, configuration, RAM START, block records, mapped-ram headers)."""
+    conf = ram.configuration
+    if conf is None:
+        raise UnsupportedError("the stream has no configuration section, so it cannot announce "
+                               "mapped-ram (saved with send-configuration=off)")
+    if CAP_MAPPED_RAM in ram.capabilities:
+        raise FormatError("internal: a mapped-ram stream reached the sequential converter")
+    if CAP_X_IGNORE_SHARED in ram.capabilities:
+        raise UnsupportedError("x-ignore-shared streams cannot be converted: QEMU 10.0 cannot "
+                               "restore mapped-ram with x-ignore-shared")
+    caps = encode.with_capability(ram.capabilities, CAP_MAPPED_RAM)
+    head = (encode.file_header() + encode.configuration(conf, caps)
+            + encode.section_start(ram.ram_section_id)
+            + encode.mem_size(sum(b.used_length for b in ram.blocks)))
+    layout = plan_blocks(ram.blocks, base + len(head), ram.page_size)
+    _pwrite_all(fd, head, base)
+    for blk in layout:
+        record = encode.block_record(blk.record.idstr, blk.record.used_length)
+        _pwrite_all(fd, record + encode.mapped_ram_header(ram.page_size, blk.bitmap_offset, blk.pages_offset),
+                    blk.header_offset - len(record))
+    return layout
 
 
 class _Reporting:
@@ -367,51 +372,46 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
     """Convert the image ``src`` into a new file ``dst`` (never overwritten).
 
     The output is written under a temporary name beside ``dst`` and appears under ``dst``
-    only once complete and checked; on any failure nothing is left behind.
+    only once complete and checked (:mod:`ramfs.publish`); on any failure nothing is left
+    behind.
     """
     from ramfs.convert.verify import verify_output
 
     dst = os.path.abspath(dst)
-    if os.path.lexists(dst):
+    if os.path.lexists(dst):  # before opening the source; NewFile checks again
         raise RamfsError(f"{dst} already exists")
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.ramfs-{os.getpid()}.tmp")
-    tempfiles.register(tmp)
     try:
         fin = open(src, "rb", buffering=0)
     except OSError as e:
         raise ImageIOError(f"cannot open {src}: {e.strerror}", e.errno) from None
-    fd = direct_fd = -1
+    new = NewFile(dst, readable=True)
+    direct_fd = -1
     try:
         try:
-            # 0600 from creation (the umask can only remove bits): the image holds guest memory.
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            new.create()
             if direct_io:
                 # The same inode again, not the name (which could be swapped meanwhile).
-                direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                direct_fd = reopen_direct(new.fd)
+        except FileExistsError:
+            raise RamfsError(f"{dst} already exists") from None
         except OSError as e:
             if direct_io and e.errno == errno.EINVAL:
                 raise ImageIOError(f"{os.path.dirname(dst)} does not support O_DIRECT", e.errno) from None
-            raise ImageIOError(f"cannot create {tmp}: {e.strerror}", e.errno) from None
+            raise ImageIOError(f"cannot create {new.tmp_path}: {e.strerror}", e.errno) from None
         with fin, FileSource(src, fd=os.dup(fin.fileno())) as seekable:
-            result = convert_stream(fin.read, fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
-                                    progress=progress, seekable=seekable if seekable.stat.st_mode & 0o170000 == 0o100000 else None)
-        verify_output(tmp, result)
-        _link_into_place(tmp, dst)
+            result = convert_stream(fin.read, new.fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
+                                    progress=progress,
+                                    seekable=seekable if stat.S_ISREG(seekable.stat.st_mode) else None)
+        verify_output(f"/proc/self/fd/{new.fd}", result)  # the inode written, not a name
+        try:
+            new.publish()
+        except FileExistsError:
+            raise RamfsError(f"{dst} already exists") from None
+        except OSError as e:
+            raise ImageIOError(f"cannot create {dst}: {e.strerror}", e.errno) from None
         return result
     finally:
-        for f in (fd, direct_fd):
-            if f >= 0:
-                os.close(f)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        tempfiles.unregister(tmp)
-
-
-def _link_into_place(tmp: str, dst: str) -> None:
-    """Publish ``tmp`` as ``dst`` without ever replacing an existing file."""
-    try:
-        os.link(tmp, dst)
-    except FileExistsError:
-        raise RamfsError(f"{dst} already exists") from None
-    except OSError as e:
-        raise ImageIOError(f"cannot create {dst}: {e.strerror}", e.errno) from None
+        fin.close()
+        if direct_fd >= 0:
+            os.close(direct_fd)
+        new.close()

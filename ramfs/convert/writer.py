@@ -16,11 +16,12 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ramfs.errors import ImageIOError
 from ramfs.format import encode
-from ramfs.format.qemu import RamBlockRecord
+from ramfs.format.qemu import RamBlockRecord, RamSetup, bitmap_size
 
 BATCH_BYTES = 1 << 20  # one pwritev per run of up to 1 MiB of consecutive pages
 STRIPE_PAGES = 256  # a page always goes to the same writer: per-page order is kept
@@ -69,19 +70,24 @@ def plan_blocks(blocks: tuple[RamBlockRecord, ...], first_record_offset: int, pa
     return out
 
 
-class _Writer(threading.Thread):
-    """One writer thread: a FIFO of (offset, buffers) or (offset, length, None) to punch."""
+Payload = bytes | memoryview
+_Item = tuple[int, list[Payload] | None, int | None]  # offset, buffers to write or None, length to punch
 
-    def __init__(self, fd: int, direct_fd: int | None, errors: list):
+
+class _Writer(threading.Thread):
+    """One writer thread: a FIFO of (offset, buffers, None) to write or (offset, None, length)
+    to punch; None ends it."""
+
+    def __init__(self, fd: int, direct_fd: int | None, errors: list[OSError]):
         super().__init__(daemon=True)
         self.fd = fd
         self.direct_fd = direct_fd
-        self.q: queue.Queue = queue.Queue(maxsize=16)
+        self.q: queue.Queue[_Item | None] = queue.Queue(maxsize=16)
         self.errors = errors
         self._aligned: mmap.mmap | None = None
         self.dirty = 0
 
-    def run(self):
+    def run(self) -> None:
         while True:
             item = self.q.get()
             if item is None:
@@ -94,11 +100,12 @@ class _Writer(threading.Thread):
                 self.errors.append(e)
 
 
-def _write_item(w, item) -> None:
+def _write_item(w: _Writer, item: _Item) -> None:
     offset, bufs, punch = item
     if punch:
         punch_hole(w.fd, offset, punch)
         return
+    assert bufs is not None
     total = sum(len(b) for b in bufs)
     if w.direct_fd is not None:
         # O_DIRECT needs an aligned buffer: slots are page-aligned and 1 MiB regions aligned.
@@ -129,43 +136,86 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 class MappedRamWriter:
-    """Collects pages and writes them to ``fd`` at their slots (see the module docstring)."""
+    """Collects pages and writes them to ``fd`` at their slots (see the module docstring).
 
-    def __init__(self, fd: int, layout: list[BlockLayout], page_size: int, *, jobs: int = 1,
+    The parser's record sink (:class:`ramfs.format.qemu.RecordSink`): at :meth:`start`,
+    ``plan`` places the blocks (and writes what precedes the pages); then records arrive
+    in stream order; :meth:`finish` (or :meth:`abort`) ends it.
+    """
+
+    def __init__(self, fd: int, plan: Callable[[RamSetup], list[BlockLayout]], *, jobs: int = 1,
                  direct_fd: int | None = None):
         self.fd = fd
-        self.layout = layout
-        self.ps = page_size
-        self.bitmaps = [bytearray(encode.bitmap_size(b.record.used_length // page_size)) for b in layout]
+        self._plan = plan
+        self._jobs = max(1, jobs)
+        self._direct_fd = direct_fd
+        self.layout: list[BlockLayout] = []
+        self.ps = 0
+        self.bitmaps: list[bytearray] = []
         self.errors: list[OSError] = []
-        self.writers = [_Writer(fd, direct_fd, self.errors) for _ in range(max(1, jobs))]
-        for w in self.writers:
-            w.start()
-        self._zero = bytes(page_size)
+        self.writers: list[_Writer] = []
+        self._zero = b""
         self._batch_block = -1
         self._batch_start = 0
-        self._batch: list = []
+        self._batch: list[Payload] = []
         self.pages_written = 0
         self.zero_pages = 0
 
-    def page(self, block: int, page: int, payload) -> None:
-        """A record for ``page`` of ``block``: data, or ``None`` for a ZERO record."""
+    def start(self, ram: RamSetup) -> None:
+        """The block list is known: place the blocks, start the writer threads."""
+        self.layout = self._plan(ram)
+        self.ps = ram.page_size
+        self._zero = bytes(ram.page_size)
+        self.bitmaps = [bytearray(bitmap_size(b.record.used_length // ram.page_size))
+                        for b in self.layout]
+        self.writers = [_Writer(self.fd, self._direct_fd, self.errors) for _ in range(self._jobs)]
+        for w in self.writers:
+            w.start()
+
+    def pages(self, block: int, first: int, count: int, buf: bytes, pos: int, stride: int,
+              offset: int) -> None:
+        """PAGE records for consecutive pages, payload ``n`` at ``buf[pos + n * stride:]``.
+
+        A payload of zeros is a zero page (found by ``bytes.startswith``, a memcmp). A run's
+        payloads are kept as views of the window (immutable ``bytes``, alive until written):
+        no copy per page; a single record's is copied, so that a batch never holds on to
+        one window per page.
+        """
+        ps = self.ps
+        zero = self._zero
+        if type(buf) is not bytes:  # a window that could change: keep copies only
+            buf = bytes(buf[pos:pos + (count - 1) * stride + ps])
+            pos = 0
+        if count == 1:
+            if buf.startswith(zero, pos):
+                self._zero_page(block, first)
+            else:
+                self._data(block, first, buf[pos:pos + ps])
+            return
+        view = memoryview(buf)
+        for n in range(count):
+            o = pos + n * stride
+            if buf.startswith(zero, o):
+                self._zero_page(block, first + n)
+            else:
+                self._data(block, first + n, view[o:o + ps])
+
+    def zeros(self, block: int, first: int, count: int) -> None:
+        """ZERO records for consecutive pages."""
+        for page in range(first, first + count):
+            self._zero_page(block, page)
+
+    def _zero_page(self, block: int, page: int) -> None:
+        """A page that reads as zeros: its bit cleared, its slot punched if it had data."""
+        self.zero_pages += 1
         bm = self.bitmaps[block]
         bit = 1 << (page & 7)
-        was_set = bm[page >> 3] & bit
-        if payload is not None and not isinstance(payload, bytes):
-            # memoryview == bytes compares element by element; a copy then memcmp is 50x faster.
-            payload = payload.tobytes()
-        if payload is None or payload == self._zero:
-            self.zero_pages += 1
-            if was_set:
-                bm[page >> 3] &= ~bit
-                self._flush()
-                self._send(block, page, None)
-            return
-        self._data(block, page, payload)
+        if bm[page >> 3] & bit:
+            bm[page >> 3] &= ~bit
+            self._flush()
+            self._send(block, page, None)
 
-    def _data(self, block: int, page: int, payload) -> None:
+    def _data(self, block: int, page: int, payload: Payload) -> None:
         """A page with data: its bit set, its payload joined to the batch (a run of
         consecutive pages, up to BATCH_BYTES, never across a stripe) or starting a new one."""
         self.bitmaps[block][page >> 3] |= 1 << (page & 7)
@@ -178,37 +228,13 @@ class MappedRamWriter:
         self._flush()
         self._batch_block, self._batch_start, self._batch = block, page, [payload]
 
-    def run(self, block: int, first: int, count: int, buf: bytes | None, start: int, stride: int) -> None:
-        """``count`` records for consecutive pages from ``first``: zero pages (``buf`` None),
-        or payloads at ``buf[start + n * stride:]`` (qemu._Parser.on_payload_run).
-
-        Equivalent to ``count`` calls of :meth:`page`, without a copy per page: the window
-        ``buf`` is immutable ``bytes`` (kept alive by the views until written), and a zero
-        payload is found with ``bytes.startswith`` (a memcmp) instead of a copy and compare.
-        """
-        if buf is None or type(buf) is not bytes:
-            ps = self.ps
-            for n in range(count):
-                o = start + n * stride
-                self.page(block, first + n, None if buf is None else bytes(buf[o:o + ps]))
-            return
-        ps = self.ps
-        zero = self._zero
-        view = memoryview(buf)
-        for n in range(count):
-            o = start + n * stride
-            if buf.startswith(zero, o):
-                self.page(block, first + n, None)
-            else:
-                self._data(block, first + n, view[o:o + ps])
-
     def _flush(self) -> None:
         if self._batch:
             self._send(self._batch_block, self._batch_start, self._batch)
             self._batch = []
             self._batch_block = -1
 
-    def _send(self, block: int, page: int, bufs) -> None:
+    def _send(self, block: int, page: int, bufs: list[Payload] | None) -> None:
         if self.errors:
             raise _io_error(self.errors[0])
         off = self.layout[block].pages_offset + page * self.ps

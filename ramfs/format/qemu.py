@@ -6,10 +6,11 @@ Sources (QEMU 10.0): migration/savevm.c (``qemu_savevm_state_header``,
 (``ram_save_setup``, ``save_page_header``, ``ram_load_precopy``, ``parse_ramblocks``,
 ``parse_ramblock_mapped_ram``). docs/formats.md tells the same in prose.
 
-:func:`parse_stream` walks the whole stream once. It never reads page payloads: for a
-sequential stream it reports each page record to a callback with the file offset of its
-payload, which is what an index needs; for mapped-ram it reads the per-block headers and
-jumps over the page regions.
+:func:`parse_stream` walks the whole stream once. It never copies page payloads: for a
+sequential stream it reports the page records to a :class:`RecordSink` (the page index, or
+a converter's writer), runs of consecutive records in one call, each with the file offset
+of its payloads and the window holding them; for mapped-ram it reads the per-block headers
+and jumps over the page regions.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import enum
 import json
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Protocol
 
 from ramfs.errors import FormatError, TruncatedError, UnsupportedError
 from ramfs.format.source import Cursor, Source, decode_name
@@ -152,9 +154,6 @@ class RamBlockRecord:
     ignore_shared_addr: int | None = None
     mapped: MappedRamHeader | None = None
 
-    def num_pages(self, page_size: int) -> int:
-        return self.used_length // page_size
-
 
 @dataclass(frozen=True)
 class Command:
@@ -205,7 +204,7 @@ class StreamLayout:
     def switchover_start(self) -> bool:
         return any(c.cmd == MigCmd.SWITCHOVER_START for c in self.commands)
 
-    def vmdesc_json(self) -> dict | None:
+    def vmdesc_json(self) -> dict[str, Any] | None:
         if self.vmdesc is None:
             return None
         try:
@@ -217,13 +216,52 @@ class StreamLayout:
         return data
 
 
-PageSink = Callable[[int, int, int], None]
-"""``sink(block_index, page_index, payload_offset)``; offset 0 means a zero page."""
+@dataclass(frozen=True)
+class RamSetup:
+    """What the RAM START section tells before the first page record (for a sink to plan)."""
 
-RunSink = Callable[[int, int, int, int, int], None]
-"""``run(block_index, first_page, count, first_payload_offset, stride)``: ``count`` records
-of consecutive pages, one after another in the stream; offset 0 means zero pages. Equivalent
-to ``count`` calls of the page sink, for a caller that can store a run at C speed."""
+    configuration: Configuration | None
+    capabilities: tuple[str, ...]
+    ram_section_id: int
+    page_size: int
+    blocks: tuple[RamBlockRecord, ...]
+
+
+class RecordSink(Protocol):
+    """Where :func:`parse_stream` reports page records, in stream order (the last record of
+    a page wins: QEMU sends a page again when the guest dirtied it).
+
+    Records for consecutive pages that follow one another in the stream come as one call of
+    ``count`` records (a run, checked K headers at a time); any other record is a run of one.
+    """
+
+    def start(self, ram: RamSetup) -> None:
+        """Once, when the block list is known, before any record (mapped-ram streams too)."""
+
+    def pages(self, block: int, first: int, count: int, buf: bytes, pos: int, stride: int,
+              offset: int) -> None:
+        """PAGE records for pages ``first .. first + count - 1`` of ``block``: payload ``n``
+        is ``buf[pos + n * stride:][:page_size]`` (``buf`` is the parser's window, immutable
+        ``bytes``), at file offset ``offset + n * stride``. ``stride`` is 0 when ``count``
+        is 1."""
+
+    def zeros(self, block: int, first: int, count: int) -> None:
+        """ZERO records for pages ``first .. first + count - 1`` of ``block``."""
+
+
+class _NoSink:
+    """For a parse that only wants the layout."""
+
+    def start(self, ram: RamSetup) -> None:
+        pass
+
+    def pages(self, block: int, first: int, count: int, buf: bytes, pos: int, stride: int,
+              offset: int) -> None:
+        pass
+
+    def zeros(self, block: int, first: int, count: int) -> None:
+        pass
+
 
 # Runs of CONTINUE records for consecutive pages are what QEMU writes for most of a guest
 # (ram_find_and_save_block walks the dirty bitmap in order). The parser checks such a run
@@ -251,23 +289,16 @@ def is_qemu_magic(head: bytes) -> bool:
 
 
 class _Parser:
-    def __init__(self, source: Source, base: int, end: int | None, on_page: PageSink | None,
-                 payloads: bool = False, on_setup: Callable[["_Parser"], None] | None = None,
-                 on_run: RunSink | None = None):
+    def __init__(self, source: Source, base: int, end: int | None, sink: RecordSink | None = None):
         self.src = source
-        self.on_run = on_run
-        # Payload mode: ``on_payload_run(block, first_page, count, buf, start, stride)`` gets a
-        # run of pages whose payloads are ``buf[start + n * stride:][:page_size]`` (``buf`` is
-        # None for zero pages); set by a converter's on_setup, like on_page.
-        self.on_payload_run: Callable[[int, int, int, bytes | None, int, int], None] | None = None
-        self.payloads = payloads
-        self.on_setup = on_setup  # called once the RAM block list is known, before any page
-        self.configuration_record: Configuration | None = None
-        self.ram_section_id: int | None = None
-        self.tail_data: bytes | None = None  # streams: the bytes from the device state to the end
+        self.sink: RecordSink = _NoSink() if sink is None else sink
+        # The sink's entry points, looked up once: the record loop calls them directly.
+        self._pages = self.sink.pages
+        self._zeros = self.sink.zeros
+        self._page_unpack = _run_struct(1 << DEFAULT_TARGET_PAGE_BITS).unpack_from  # per page size
+        self.tail_data: bytes | bytearray | None = None  # streams: the bytes from the device state to the end
         self.cur = Cursor(source, base, end)
         self.base = base
-        self.on_page = on_page
         self.warnings: list[str] = []
         self.footers: bool | None = None
         self.page_size = 1 << DEFAULT_TARGET_PAGE_BITS
@@ -466,29 +497,44 @@ class _Parser:
     # -- page records (PART/END payloads) --------------------------------------------
     def records(self) -> None:
         """Consume page records up to and including EOS."""
+        if self.mapped:
+            self._mapped_records()
+        else:
+            self._sequential_records()
+
+    def _mapped_records(self) -> None:
+        """After a mapped-ram block list only EOS may come: the pages are in the regions."""
+        cur = self.cur
+        rec = cur.pos
+        buf, i = cur.window(8)
+        if len(buf) - i < 8:
+            raise TruncatedError("data ends inside a RAM page record header", rec)
+        flags = _BE64.unpack_from(buf, i)[0] & (self.page_size - 1)
+        if flags & ~RAM_SAVE_FLAG_CONTINUE != RAM_SAVE_FLAG_EOS:
+            raise FormatError(f"RAM record with flags {flags:#x} in a mapped-ram stream "
+                              f"(only EOS may appear after the block list)", rec)
+        cur.pos = rec + 8
+
+    def _sequential_records(self) -> None:
+        """The record loop: ZERO and PAGE records go to the sink, runs of them at once (see
+        :meth:`_run`); anything else is :meth:`_control`'s."""
         cur = self.cur
         ps = self.page_size
         mask = ps - 1
         # One record at most, or one run of page records (so that runs do not stop at a
         # window's edge); the window holds less only at the end of the data.
         need = max(8 + 1 + 255 + ps, _RUN_PAGE * (8 + ps))
-        by_name = self.by_name
         lengths = self.lengths
-        sink = self.on_page
-        mapped = self.mapped
-        block = self.current_block
+        pages = self._pages
+        zeros = self._zeros
+        run = self._run
+        self._page_unpack = _run_struct(ps).unpack_from
         unpack = _BE64.unpack_from
-        page_kinds = (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE)
-        payloads = self.payloads
-        run = self.on_run
-        payload_run = self.on_payload_run if payloads else None
-        zero_unpack = _ZERO_RUN_STRUCT.unpack_from
-        page_unpack = _run_struct(ps).unpack_from
+        block = self.current_block
         skip_runs = 0
         buf, i = cur.window(need)
         base = cur.buf_start
         end = len(buf)
-        view = memoryview(buf) if payloads else None
         try:
             while True:
                 if end - i < need:
@@ -496,98 +542,100 @@ class _Parser:
                     buf, i = cur.window(need)
                     base = cur.buf_start
                     end = len(buf)
-                    view = memoryview(buf) if payloads else None
                 if end - i < 8:
                     raise TruncatedError("data ends inside a RAM page record header", base + i)
-                rec = base + i
                 v = unpack(buf, i)[0]
-                i += 8
                 flags = v & mask
                 kind = flags & ~RAM_SAVE_FLAG_CONTINUE
-                if kind in page_kinds and not mapped:
-                    if flags & RAM_SAVE_FLAG_CONTINUE:
-                        if block is None:
-                            raise FormatError("RAM page record with CONTINUE but no block before it", rec)
-                        if skip_runs:
-                            skip_runs -= 1
-                        else:
-                            # A run of K records for consecutive pages? (see _RUN_ZERO)
-                            j = i - 8
-                            if kind == RAM_SAVE_FLAG_ZERO:
-                                k, stride = _RUN_ZERO, 9
-                                ok = (end - j >= k * 9 and zero_unpack(buf, j) == tuple(range(v, v + k * ps, ps))
-                                      and buf[j + 8 : j + 9 * k : 9] == _ZERO_FILLS)
-                            else:
-                                k, stride = _RUN_PAGE, 8 + ps
-                                ok = (end - j >= k * stride
-                                      and page_unpack(buf, j) == tuple(range(v, v + k * ps, ps)))
-                            if ok and v - flags + (k - 1) * ps < lengths[block]:
-                                page0 = (v - flags) // ps
-                                if payload_run is not None:
-                                    if kind == RAM_SAVE_FLAG_ZERO:
-                                        payload_run(block, page0, k, None, 0, 0)
-                                    else:
-                                        payload_run(block, page0, k, buf, i, stride)
-                                elif kind == RAM_SAVE_FLAG_ZERO:
-                                    if run is not None:
-                                        run(block, page0, k, 0, 0)
-                                    elif sink is not None:
-                                        for n in range(k):
-                                            sink(block, page0 + n, None if payloads else 0)
-                                elif run is not None:
-                                    run(block, page0, k, base + i, stride)
-                                elif sink is not None:
-                                    for n in range(k):
-                                        o = i + n * stride
-                                        sink(block, page0 + n, view[o : o + ps] if payloads else base + o)
-                                i = j + k * stride
-                                continue
-                            skip_runs = 8  # not a run here: parse a few records one by one
+                if kind != RAM_SAVE_FLAG_ZERO and kind != RAM_SAVE_FLAG_PAGE:
+                    eos = self._control(kind, flags, base + i)
+                    i += 8
+                    if eos:
+                        break
+                    continue
+                rec = base + i
+                if flags & RAM_SAVE_FLAG_CONTINUE:
+                    if block is None:
+                        raise FormatError("RAM page record with CONTINUE but no block before it", rec)
+                    if skip_runs:
+                        skip_runs -= 1
                     else:
-                        n = buf[i] if i < end else -1
-                        if n < 0 or end - i < 1 + n:
-                            raise TruncatedError("data ends inside a RAM page record idstr", rec + 8)
-                        name = buf[i + 1 : i + 1 + n]
-                        i += 1 + n
-                        block = by_name.get(name)
-                        if block is None:
-                            raise FormatError(f"RAM page record names unknown block {name!r}", rec)
-                    addr = v - flags
-                    if addr >= lengths[block]:
-                        raise FormatError(f"RAM page offset {addr:#x} is past the end of block "
-                                          f"{self.blocks[block].idstr!r} ({lengths[block]:#x})", rec)
-                    if kind == RAM_SAVE_FLAG_ZERO:
-                        if i >= end:
-                            raise TruncatedError("data ends inside a ZERO page record", base + i)
-                        if buf[i] != 0:
-                            raise FormatError(f"ZERO page record with fill byte {buf[i]:#x} (must be 0)", base + i)
-                        i += 1
-                        if sink is not None:
-                            sink(block, addr // ps, None if payloads else 0)
-                    else:
-                        if end - i < ps:
-                            raise TruncatedError(f"data ends inside the payload of page {addr:#x} of "
-                                                 f"{self.blocks[block].idstr!r}", base + i)
-                        if sink is not None:
-                            sink(block, addr // ps, view[i : i + ps] if payloads else base + i)
-                        i += ps
-                elif kind == RAM_SAVE_FLAG_EOS:
-                    break
-                elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH and not mapped:
-                    continue  # a multifd sync point; carries nothing in a file
-                elif kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_COMPRESS_PAGE) and not mapped:
-                    name = {RAM_SAVE_FLAG_XBZRLE: "XBZRLE", RAM_SAVE_FLAG_HOOK: "HOOK (RDMA)",
-                            RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE"}[kind]
-                    raise UnsupportedError(f"RAM record uses {name} encoding, which ramfs does not "
-                                           f"support (save without that capability)", rec)
-                elif mapped:
-                    raise FormatError(f"RAM record with flags {flags:#x} in a mapped-ram stream "
-                                      f"(only EOS may appear after the block list)", rec)
+                        n = run(buf, i, end, base, v, kind, block)
+                        if n:
+                            i += n
+                            continue
+                        skip_runs = 8  # not a run here: parse a few records one by one
+                    i += 8
                 else:
-                    raise FormatError(f"RAM record with unknown flag combination {flags:#x}", rec)
+                    block, i = self._block_of(buf, i + 8, end, rec)
+                addr = v - flags
+                if addr >= lengths[block]:
+                    raise FormatError(f"RAM page offset {addr:#x} is past the end of block "
+                                      f"{self.blocks[block].idstr!r} ({lengths[block]:#x})", rec)
+                if kind == RAM_SAVE_FLAG_ZERO:
+                    if i >= end:
+                        raise TruncatedError("data ends inside a ZERO page record", base + i)
+                    if buf[i] != 0:
+                        raise FormatError(f"ZERO page record with fill byte {buf[i]:#x} (must be 0)", base + i)
+                    i += 1
+                    zeros(block, addr // ps, 1)
+                else:
+                    if end - i < ps:
+                        raise TruncatedError(f"data ends inside the payload of page {addr:#x} of "
+                                             f"{self.blocks[block].idstr!r}", base + i)
+                    pages(block, addr // ps, 1, buf, i, 0, base + i)
+                    i += ps
         finally:
             self.current_block = block
         cur.pos = base + i
+
+    def _run(self, buf: bytes, j: int, end: int, base: int, v: int, kind: int, block: int) -> int:
+        """Is the CONTINUE record at ``buf[j]`` (header ``v``) the first of K records of its
+        kind for consecutive pages (see _RUN_ZERO)? Then they go to the sink at once and
+        their length in bytes is returned; else 0, and they are parsed one by one."""
+        ps = self.page_size
+        if kind == RAM_SAVE_FLAG_ZERO:
+            k, stride = _RUN_ZERO, 9
+            if not (end - j >= k * 9 and _ZERO_RUN_STRUCT.unpack_from(buf, j) == tuple(range(v, v + k * ps, ps))
+                    and buf[j + 8 : j + 9 * k : 9] == _ZERO_FILLS):
+                return 0
+        else:
+            k, stride = _RUN_PAGE, 8 + ps
+            if not (end - j >= k * stride and self._page_unpack(buf, j) == tuple(range(v, v + k * ps, ps))):
+                return 0
+        addr = v & ~(ps - 1)
+        if addr + (k - 1) * ps >= self.lengths[block]:
+            return 0  # the record by record path says which one is past the end
+        if kind == RAM_SAVE_FLAG_ZERO:
+            self._zeros(block, addr // ps, k)
+        else:
+            self._pages(block, addr // ps, k, buf, j + 8, stride, base + j + 8)
+        return k * stride
+
+    def _block_of(self, buf: bytes, i: int, end: int, rec: int) -> tuple[int, int]:
+        """The block a record without CONTINUE names (``u8 len, idstr`` at ``buf[i]``), and
+        where its payload starts."""
+        n = buf[i] if i < end else -1
+        if n < 0 or end - i < 1 + n:
+            raise TruncatedError("data ends inside a RAM page record idstr", rec + 8)
+        name = buf[i + 1 : i + 1 + n]
+        block = self.by_name.get(name)
+        if block is None:
+            raise FormatError(f"RAM page record names unknown block {name!r}", rec)
+        return block, i + 1 + n
+
+    def _control(self, kind: int, flags: int, rec: int) -> bool:
+        """A record other than ZERO or PAGE (8 bytes, nothing follows): True for EOS."""
+        if kind == RAM_SAVE_FLAG_EOS:
+            return True
+        if kind == RAM_SAVE_FLAG_MULTIFD_FLUSH:
+            return False  # a multifd sync point; carries nothing in a file
+        if kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_COMPRESS_PAGE):
+            name = {RAM_SAVE_FLAG_XBZRLE: "XBZRLE", RAM_SAVE_FLAG_HOOK: "HOOK (RDMA)",
+                    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE"}[kind]
+            raise UnsupportedError(f"RAM record uses {name} encoding, which ramfs does not "
+                                   f"support (save without that capability)", rec)
+        raise FormatError(f"RAM record with unknown flag combination {flags:#x}", rec)
 
     # -- whole stream ------------------------------------------------------------------
     def parse(self) -> StreamLayout:
@@ -636,10 +684,9 @@ class _Parser:
                     raise UnsupportedError(f"RAM section version {version} (expected 4)", start)
                 ram_id, ram_start = sid, start
                 total = self.ram_setup()
-                if self.on_setup is not None:
-                    self.ram_section_id = sid
-                    self.configuration_record = conf
-                    self.on_setup(self)
+                self.sink.start(RamSetup(configuration=conf, capabilities=self.capabilities,
+                                         ram_section_id=sid, page_size=self.page_size,
+                                         blocks=tuple(self.blocks)))
                 self.records()
                 self.footer(sid, "RAM START")
             elif t in (SectionType.SECTION_PART, SectionType.SECTION_END):
@@ -762,7 +809,7 @@ class _Parser:
 class _OffsetBytes:
     """A bytes tail that answers ``read_at`` with the file offsets it came from."""
 
-    def __init__(self, data: bytes, origin: int):
+    def __init__(self, data: bytes | bytearray, origin: int):
         self.data, self.origin = data, origin
         self.size = origin + len(data)
 
@@ -775,42 +822,24 @@ class _OffsetBytes:
 
 def parse_configuration(source: Source, base: int = 0) -> Configuration | None:
     """Only the file header and configuration: enough to know the RAM encoding."""
-    p = _Parser(source, base, source.size, None)
+    p = _Parser(source, base, source.size)
     p.header()
     return p.configuration()
 
 
 def parse_stream(source: Source, base: int = 0, end: int | None = None,
-                 on_page: PageSink | None = None, on_run: RunSink | None = None,
-                 on_setup: Callable[["_Parser"], None] | None = None) -> StreamLayout:
-    """Walk a QEMU stream that starts at ``base``; see the module docstring.
-
-    With ``on_run``, runs of records for consecutive pages go there instead of ``on_page``.
-    """
-    if end is None:
-        end = source.size
-    return _Parser(source, base, end, on_page, on_setup=on_setup, on_run=on_run).parse()
+                 sink: RecordSink | None = None) -> StreamLayout:
+    """Walk a QEMU stream that starts at ``base``, reporting its page records to ``sink``;
+    see the module docstring."""
+    return parse_stream_with_tail(source, base, end, sink)[0]
 
 
-PayloadSink = Callable[[int, int, "memoryview | None"], None]
-"""``sink(block_index, page_index, payload)``; ``None`` for a ZERO record. The view is only
-valid during the call's batch: copy it or write it out before the parser moves on."""
-
-
-def parse_stream_payloads(source: Source, on_page: PayloadSink, base: int = 0,
-                          end: int | None = None, on_setup: Callable[["_Parser"], None] | None = None,
-                          ) -> tuple[StreamLayout, bytes | None]:
-    """Like :func:`parse_stream`, handing over page payloads (for converters).
-
-    ``on_setup(parser)`` runs once the configuration and RAM block list are known
-    (``parser.configuration_record``, ``.ram_section_id``, ``.blocks``, ``.page_size``,
-    ``.capabilities``), before the first page. Also returns, for a source of unknown length
-    (a stream), the bytes from the first device section to the end, which can no longer be
-    read back once consumed.
-    """
-    if end is None:
-        end = source.size
-    p = _Parser(source, base, end, on_page, payloads=True, on_setup=on_setup)
+def parse_stream_with_tail(source: Source, base: int = 0, end: int | None = None,
+                           sink: RecordSink | None = None) -> tuple[StreamLayout, bytes | bytearray | None]:
+    """:func:`parse_stream`, also returning, for a source of unknown length (a stream), the
+    bytes from the first device section to the end, which can no longer be read back once
+    consumed (None for a source of known size)."""
+    p = _Parser(source, base, source.size if end is None else end, sink)
     return p.parse(), p.tail_data
 
 
@@ -821,7 +850,7 @@ def bitmap_size(num_pages: int) -> int:
     return (num_pages + 63) // 64 * 8
 
 
-def bits_beyond(bitmap: bytes, num_pages: int) -> int:
+def bits_beyond(bitmap: bytes | bytearray, num_pages: int) -> int:
     """How many bits are set past the last page (QEMU ignores them; check reports them)."""
     full, rem = divmod(num_pages, 8)
     count = 0
@@ -832,7 +861,7 @@ def bits_beyond(bitmap: bytes, num_pages: int) -> int:
     return count + int.from_bytes(tail, "little").bit_count() if tail else count
 
 
-def count_bits(bitmap: bytes, first: int, last: int) -> int:
+def count_bits(bitmap: bytes | bytearray, first: int, last: int) -> int:
     """Set bits in ``[first, last)`` (LSB-first within little-endian words), by popcount:
     no per-run work, so a fragmented span costs what a dense one does."""
     if last <= first:
@@ -841,13 +870,13 @@ def count_bits(bitmap: bytes, first: int, last: int) -> int:
     return (x & ((1 << (last - first)) - 1)).bit_count()
 
 
-def populated_count(bitmap: bytes, num_pages: int) -> int:
+def populated_count(bitmap: bytes | bytearray, num_pages: int) -> int:
     """Set bits among the first ``num_pages`` (LSB-first within little-endian words)."""
     step = 8 << 20  # 1 MiB of bitmap at a time: no copy of a whole (possibly huge) bitmap
     return sum(count_bits(bitmap, i, min(i + step, num_pages)) for i in range(0, num_pages, step))
 
 
-def set_runs(bitmap: bytes, first: int, last: int):
+def set_runs(bitmap: bytes | bytearray, first: int, last: int) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` page ranges of set bits within ``[first, last)``."""
     i = first
     while i < last:
@@ -885,7 +914,7 @@ _NON_FF_BYTE = re.compile(rb"[^\xff]")
 _SKIP_CHUNK = 1 << 16
 
 
-def _next_byte_not(bitmap: bytes, i: int, limit: int, fill: int, pattern: re.Pattern) -> int:
+def _next_byte_not(bitmap: bytes | bytearray, i: int, limit: int, fill: int, pattern: re.Pattern[bytes]) -> int:
     # Runs of ``fill`` are skipped by bytes.count over windows that double up to 64 KiB (a
     # memchr-speed C loop, ~10x faster than a regex over a long run: a terabyte block has a
     # 32 MiB bitmap), while the first small window keeps short gaps cheap (a bitmap with one
@@ -895,17 +924,19 @@ def _next_byte_not(bitmap: bytes, i: int, limit: int, fill: int, pattern: re.Pat
     while i < limit:
         j = min(i + step, limit)
         if bitmap.count(fill, i, j) != j - i:
-            return pattern.search(bitmap, i, j).start()
+            m = pattern.search(bitmap, i, j)
+            assert m is not None  # the window holds a byte other than ``fill``
+            return m.start()
         i = j
         step = min(step * 2, _SKIP_CHUNK)
     return limit
 
 
-def _next_nonzero_byte(bitmap: bytes, i: int, limit: int) -> int:
+def _next_nonzero_byte(bitmap: bytes | bytearray, i: int, limit: int) -> int:
     return _next_byte_not(bitmap, i, limit, 0, _NONZERO_BYTE)
 
 
-def _next_non_ff_byte(bitmap: bytes, i: int, limit: int) -> int:
+def _next_non_ff_byte(bitmap: bytes | bytearray, i: int, limit: int) -> int:
     return _next_byte_not(bitmap, i, limit, 0xFF, _NON_FF_BYTE)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from ramfs.errors import FormatError, TruncatedError
-
-ReadAt = Callable[[int, int], bytes]
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -24,7 +23,8 @@ _BE64 = struct.Struct(">Q")
 class Source(Protocol):
     """What a parser needs: positioned reads and, when known, the total size."""
 
-    size: int | None
+    @property
+    def size(self) -> int | None: ...
 
     def read_at(self, offset: int, size: int) -> bytes: ...
 

@@ -207,9 +207,6 @@ class DeviceState:
                 return d
         return None
 
-    def by_vmsd(self, vmsd_name: str) -> list[DeviceSection]:
-        return [d for d in self.devices if d.vmsd_name == vmsd_name]
-
     def to_dict(self) -> dict:
         return {"offset": self.offset, "end": self.end,
                 "devices": [d.to_dict() for d in self.devices]}

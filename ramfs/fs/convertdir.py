@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import math
 import os
 import secrets
 import threading
@@ -22,11 +23,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ramfs import publish
 from ramfs.convert.core import ConvertResult, convert_stream
 from ramfs.convert.verify import verify_output
 from ramfs.errors import RamfsError
 from ramfs.fs import creds
 from ramfs.fs.creds import Caller
+from ramfs.ranges import merge_ranges
 
 log = logging.getLogger("ramfs.convert")
 
@@ -46,19 +49,35 @@ class ConversionFailed(RamfsError):
         self.errno = errno_
 
 
+@dataclass(frozen=True, slots=True)
+class _Spooled:
+    """Bytes ``[start, end)`` of the input, to be read from the spool file."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Zeros:
+    """Bytes ``[start, end)`` of the input never written: a hole, handed over as zeros."""
+
+    start: int
+    end: int
+
+
 class Assembler:
     """Positioned writes in, an in-order byte stream out (see the module docstring)."""
 
-    def __init__(self, spool_path: str | None, spool_fd: int = -1):
+    def __init__(self, spool_fd: int):
         self._cv = threading.Condition()
-        self._queue: deque = deque()  # bytes, or (start, end) ranges to read from the spool
-        self._queued = 0
+        self._queue: deque[bytes | _Spooled | _Zeros] = deque()  # the stream, in order
+        self._queued = 0  # bytes in the queue's in-memory items
         self.expected = 0  # end of the contiguous prefix handed to the reader
         self._rpos = 0  # what the reader consumed
-        self._spool_path = spool_path
-        # Given: an unnamed file made with the writer's credentials (ConvertManager.start).
+        # An unnamed file made with the writer's credentials (ConvertManager.start), owned
+        # (closed) by the assembler.
         self._spool_fd = spool_fd
-        self._ahead: list[list[int]] = []  # sorted, disjoint [start, end) spooled ranges
+        self._ahead: list[tuple[int, int]] = []  # sorted, disjoint [start, end) spooled ranges
         self.size = 0  # highest offset written or set
         self._eof = False
         self.error: BaseException | None = None
@@ -162,7 +181,7 @@ class Assembler:
         a, b = self._zero_ok
         while self._ahead and a <= self.expected and self._ahead[0][0] <= b:
             gap_end = self._ahead[0][0]
-            self._queue.append((self.expected, gap_end, None))
+            self._queue.append(_Zeros(self.expected, gap_end))
             self._zero_filled.append((self.expected, gap_end))
             self.expected = gap_end
             self._promote()
@@ -214,33 +233,28 @@ class Assembler:
             raise self.error
 
     def _spool(self, offset: int, data: bytes) -> None:
-        if self._spool_fd < 0:
-            assert self._spool_path is not None
-            self._spool_fd = os.open(self._spool_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         view = memoryview(data)
         pos = offset
         while view:
             n = os.pwrite(self._spool_fd, view, pos)
             view = view[n:]
             pos += n
+        # The new range merged with its neighbours: the ranges from the one before it (which
+        # may reach it) up to the last one starting where it ends.
+        ahead = self._ahead
         end = offset + len(data)
-        i = bisect.bisect_left(self._ahead, [offset, offset])
-        # Merge with overlapping or touching neighbours.
-        if i > 0 and self._ahead[i - 1][1] >= offset:
-            i -= 1
-            offset = min(offset, self._ahead[i][0])
-        j = i
-        while j < len(self._ahead) and self._ahead[j][0] <= end:
-            end = max(end, self._ahead[j][1])
-            j += 1
-        self._ahead[i:j] = [[offset, end]]
+        i = max(0, bisect.bisect_left(ahead, (offset,)) - 1)
+        j = bisect.bisect_right(ahead, (end, math.inf))
+        near = ahead[i:j]
+        bisect.insort(near, (offset, end))
+        ahead[i:j] = merge_ranges(near)
 
     def _promote(self) -> None:
         """Spooled ranges that now continue the in-order prefix join the queue."""
         while self._ahead and self._ahead[0][0] <= self.expected:
             start, end = self._ahead.pop(0)
             if end > self.expected:
-                self._queue.append((self.expected, end))
+                self._queue.append(_Spooled(self.expected, end))
                 self.expected = end
 
     # -- reader side (the converter thread) ---------------------------------------------
@@ -274,24 +288,18 @@ class Assembler:
 
     def _take(self, n: int) -> bytes:
         item = self._queue[0]
-        if isinstance(item, tuple) and len(item) == 3:  # a gap taken as a hole
-            start, end, _ = item
-            take = min(n, end - start)
-            if start + take == end:
+        if isinstance(item, (_Spooled, _Zeros)):
+            take = min(n, item.end - item.start)
+            if isinstance(item, _Zeros):
+                data = bytes(take)
+            else:
+                data = os.pread(self._spool_fd, take, item.start)
+                if len(data) < take:  # a hole at the end of the spool reads as zeros
+                    data += bytes(take - len(data))
+            if item.start + take == item.end:
                 self._queue.popleft()
             else:
-                self._queue[0] = (start + take, end, None)
-            return bytes(take)
-        if isinstance(item, tuple):
-            start, end = item
-            take = min(n, end - start)
-            data = os.pread(self._spool_fd, take, start)
-            if len(data) < take:  # a hole at the end of the spool reads as zeros
-                data += bytes(take - len(data))
-            if start + take == end:
-                self._queue.popleft()
-            else:
-                self._queue[0] = (start + take, end)
+                self._queue[0] = type(item)(item.start + take, item.end)
             return data
         data = item[:n]
         if len(data) == len(item):
@@ -309,11 +317,6 @@ class Assembler:
         if self._spool_fd >= 0:
             os.close(self._spool_fd)
             self._spool_fd = -1
-        if self._spool_path is not None:
-            try:
-                os.unlink(self._spool_path)
-            except FileNotFoundError:
-                pass
 
 
 @dataclass(eq=False)
@@ -388,18 +391,17 @@ class ConvertManager:
             # could then appear under a name this caller chose.
             raise ConversionFailed(f"{fname}: this mount converts only for uid {os.geteuid()}", errno.EACCES)
         with self._lock:
-            if name in self.active or _lexists(fname, self.dir_fd):
+            if name in self.active or publish.exists(self.dir_fd, fname):
                 raise ConversionFailed(f"{fname} already exists", errno.EEXIST)
             token = secrets.token_hex(4)
             tmp = f"{TMP_PREFIX}{token}.{fname[:180]}.tmp"
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
             try:
                 with creds.as_caller_if_root(caller):
-                    fd = os.open(tmp, flags, 0o600, dir_fd=self.dir_fd)
+                    fd = publish.create_temporary(self.dir_fd, tmp, readable=True)
                     try:
                         # Bytes that arrive ahead of the stream wait here: a file with no
                         # name, so nothing of it can outlive us or be opened by anyone.
-                        spool = os.open(tmp + ".spool", flags, 0o600, dir_fd=self.dir_fd)
+                        spool = publish.create_temporary(self.dir_fd, tmp + ".spool", readable=True)
                         os.unlink(tmp + ".spool", dir_fd=self.dir_fd)
                     except OSError:
                         os.close(fd)
@@ -409,12 +411,11 @@ class ConvertManager:
                 raise ConversionFailed(f"cannot create {fname} in {self.backing}: {e.strerror}",
                                        e.errno or errno.EIO) from None
             conv = Conversion(name, os.path.join(self.backing, fname), tmp,
-                              Assembler(None, spool), caller=caller, fd=fd)
+                              Assembler(spool), caller=caller, fd=fd)
             try:
                 if self.direct_io:
-                    # The same inode again, for O_DIRECT page writes: through /proc, never
-                    # by name (the directory is the caller's to change).
-                    conv.direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                    # For O_DIRECT page writes (the directory is the caller's to change).
+                    conv.direct_fd = publish.reopen_direct(fd)
                 # The mode asked for, only once our own descriptors are open (a 0400 copy
                 # still has to be written), and before any byte is in.
                 os.fchmod(fd, mode & 0o777)
@@ -465,14 +466,13 @@ class ConvertManager:
             verify_output(f"/proc/self/fd/{conv.fd}", conv.result)
             with creds.as_caller_if_root(conv.caller):
                 try:
-                    # Link the inode we wrote, not whatever the temporary's name holds now.
-                    os.link(f"/proc/self/fd/{conv.fd}", fname, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+                    # The inode we wrote and checked, not whatever the temporary's name holds.
+                    publish.publish(conv.fd, self.dir_fd, fname)
                 except FileExistsError:
                     raise ConversionFailed(f"{conv.final_path} appeared meanwhile", errno.EEXIST) from None
                 except OSError as e:
                     raise ConversionFailed(f"cannot create {conv.final_path}: {e.strerror}",
                                            e.errno or errno.EIO) from None
-            os.fsync(self.dir_fd)
             conv.published_fd = os.open(f"/proc/self/fd/{conv.fd}", os.O_RDONLY | os.O_CLOEXEC)
             conv.published = True
             log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, conv.result.source_format,
@@ -491,9 +491,7 @@ class ConvertManager:
     def _discard(self, conv: Conversion) -> None:
         """Remove the temporary's name and close what the conversion had open."""
         try:
-            os.unlink(conv.tmp_path, dir_fd=self.dir_fd)
-        except FileNotFoundError:
-            pass
+            publish.remove_temporary(self.dir_fd, conv.tmp_path)
         except OSError as e:
             log.warning("cannot remove %s/%s: %s", self.backing, conv.tmp_path, e.strerror)
         if conv.fd >= 0:
@@ -512,10 +510,3 @@ class ConvertManager:
                          f"{elapsed:.1f}s{why}")
         return ("\n".join(lines) + "\n").encode() if lines else b""
 
-
-def _lexists(name: str, dir_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True

@@ -20,7 +20,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger("ramfs.fs")
 

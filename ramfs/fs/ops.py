@@ -347,7 +347,8 @@ class Operations(pyfuse3.Operations):
         cannot be read (a --user daemon may not look at other users' processes), wait a
         moment for bytes instead: an empty copy then fails after QUIET_SECONDS."""
         pid = conv.caller.pid if conv.caller is not None else 0
-        ours = f"{self.tree.mountpoint}/{CONVERT_DIR.decode()}/{os.fsdecode(conv.name)}" if self.tree.mountpoint else None
+        mp = self.tree.mountpoint
+        ours = f"{mp}/{CONVERT_DIR.decode()}/{os.fsdecode(conv.name)}" if mp else None
         try:
             fds = os.listdir(f"/proc/{pid}/fd") if pid and ours else None
             for fd in fds or ():

@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
@@ -67,7 +67,7 @@ class Owner:
         self.ids = (uid, gid, stat.S_IMODE(mode))
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "Owner":
+    def of(cls, st: os.stat_result) -> Owner:
         return cls(st.st_uid, st.st_gid, st.st_mode)
 
     def update(self, st: os.stat_result) -> bool:

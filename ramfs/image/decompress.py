@@ -38,6 +38,7 @@ class Decompressor:
         else:
             self._raw = fileobj
         self._stream = None
+        self._framing: _ZstdFraming | None = None
         try:
             if fmt == SaveFormat.GZIP:
                 self._stream = _GzipMembers(self._raw)
@@ -46,7 +47,9 @@ class Decompressor:
             elif fmt == SaveFormat.XZ:
                 self._stream = lzma.LZMAFile(self._raw, "rb", format=lzma.FORMAT_XZ)
             elif fmt == SaveFormat.ZSTD:
-                self._stream = _ZstdFrames(self._raw)
+                self._framing = _ZstdFraming()
+                self._stream = zstandard.ZstdDecompressor().stream_reader(
+                    _Tee(self._raw, self._framing.feed), read_across_frames=True)
             elif fmt == SaveFormat.LZOP:
                 prog = shutil.which("lzop")
                 if prog is None:
@@ -87,6 +90,10 @@ class Decompressor:
             data = self._stream.read(n)
         except _ERRORS as e:
             raise FormatError(f"corrupt {self.fmt.label} data in the image: {e}") from None
+        if not data and self._framing is not None:
+            why = self._framing.finish()
+            if why:
+                raise FormatError(f"the zstd stream {why}: the image is truncated")
         if not data and self._proc is not None:
             self._proc.wait()
             err = self._proc.stderr.read().decode(errors="replace").strip()
@@ -116,52 +123,112 @@ class Decompressor:
         self.close()
 
 
-class _ZstdFrames:
-    """zstd frames one after another, like ``zstd -dc``, with the end of each frame seen:
-    input that stops inside a frame is a truncated image, not a shorter stream (zstandard's
-    stream reader returns what it has and says nothing). Zeros after the last frame are
-    padding."""
+class _Tee:
+    """A file object whose reads are also shown to ``seen``."""
 
-    CHUNK = 1 << 20
-
-    def __init__(self, raw):
+    def __init__(self, raw, seen):
         self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = None  # the frame being decompressed
-        self._pending = b""  # input read past the end of the last frame
-        self._out = bytearray()
-        self._done = False
+        self._seen = seen
 
-    def read(self, n: int) -> bytes:
-        while len(self._out) < n and not self._done:
-            data = self._pending or self._raw.read(self.CHUNK)
-            self._pending = b""
-            if not data:
-                if self._obj is not None:
-                    raise FormatError("the zstd stream ends inside a frame: the image is truncated")
-                self._done = True
-                break
-            if self._obj is None:
-                if not data.strip(b"\0"):
-                    self._skip_padding()
-                    break
-                self._obj = self._dctx.decompressobj()
-            self._out += self._obj.decompress(data)
-            if self._obj.eof:
-                self._pending = self._obj.unused_data
-                self._obj = None
-        out = bytes(self._out[:n])
-        del self._out[:n]
-        return out
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._seen(data)
+        return data
 
-    def _skip_padding(self) -> None:
-        while data := self._raw.read(self.CHUNK):
-            if data.strip(b"\0"):
-                raise FormatError("data after zero padding at the end of the zstd stream")
-        self._done = True
 
-    def close(self) -> None:
-        self._obj = None
+class _ZstdFraming:
+    """Follows the frame structure of a zstd stream as its bytes go by (RFC 8878 §3.1:
+    frame header, blocks up to the one marked last, optional checksum; skippable frames), so
+    that the end of the input can be told from the end of a frame. zstandard's stream reader
+    returns what it has of a cut frame and says nothing; ``zstd -dc`` fails. Only headers
+    are looked at, a few bytes at a time: no memory beyond them, whatever the stream holds."""
+
+    MAGIC = 0xFD2FB528
+    SKIPPABLE = 0x184D2A50  # ... 0x184D2A5F
+
+    def __init__(self) -> None:
+        self._need = 4  # bytes the current header field needs
+        self._buf = bytearray()
+        self._skip = 0  # bytes of content to pass over
+        self._state = "magic"
+        self._checksum = 0
+        self._padding = False
+
+    def feed(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                k = min(self._skip, n - pos)
+                self._skip -= k
+                pos += k
+                if not self._skip and self._state == "content":
+                    self._after_block()
+                continue
+            if self._padding:
+                if data[pos:].strip(b"\0"):
+                    self._padding = False  # not padding after all: the decoder will say so
+                    self._state = "junk"
+                return
+            k = min(self._need - len(self._buf), n - pos)
+            self._buf += data[pos:pos + k]
+            pos += k
+            if len(self._buf) == self._need:
+                self._field(bytes(self._buf))
+                self._buf.clear()
+
+    def _field(self, b: bytes) -> None:
+        st = self._state
+        if st == "magic":
+            magic = int.from_bytes(b, "little")
+            if magic == self.MAGIC:
+                self._state, self._need = "fhd", 1
+            elif magic & 0xFFFFFFF0 == self.SKIPPABLE:
+                self._state, self._need = "skipsize", 4
+            elif b == bytes(4):
+                self._padding = True
+                self._state, self._need = "magic", 4
+            else:
+                self._state = "junk"
+        elif st == "skipsize":
+            self._skip = int.from_bytes(b, "little")
+            self._state, self._need = "magic", 4
+        elif st == "fhd":
+            d = b[0]
+            fcs = (0, 2, 4, 8)[d >> 6]
+            single = d >> 5 & 1
+            if single and fcs == 0:
+                fcs = 1
+            self._checksum = 4 if d >> 2 & 1 else 0
+            rest = (0 if single else 1) + (0, 1, 2, 4)[d & 3] + fcs
+            self._state, self._need = ("fh", rest) if rest else ("block", 3)
+        elif st == "fh":
+            self._state, self._need = "block", 3
+        elif st == "block":
+            h = int.from_bytes(b, "little")
+            self._last = h & 1
+            kind, size = h >> 1 & 3, h >> 3
+            self._skip = 1 if kind == 1 else size
+            self._state = "content"
+            if not self._skip:
+                self._after_block()
+        elif st == "checksum":
+            self._state, self._need = "magic", 4
+
+    def _after_block(self) -> None:
+        if not self._last:
+            self._state, self._need = "block", 3
+        elif self._checksum:
+            self._state, self._need = "checksum", self._checksum
+        else:
+            self._state, self._need = "magic", 4
+
+    def finish(self) -> str | None:
+        """None if the input ended between frames (or in zero padding); else where it ended."""
+        if self._state == "junk":
+            return None  # not zstd framing: the decoder reports that itself
+        if self._padding or (self._state == "magic" and not self._buf and not self._skip):
+            return None
+        return "ends inside a frame" if self._state != "magic" else "ends inside a skippable frame"
 
 
 class _GzipMembers:

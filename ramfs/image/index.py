@@ -18,9 +18,10 @@ import struct
 import sys
 from array import array
 from pathlib import Path
+from typing import Any
 
 from ramfs.errors import CacheError
-from ramfs.format.qemu import Command, Configuration, MappedRamHeader, RamBlockRecord, StreamLayout
+from ramfs.format.qemu import Command, Configuration, MappedRamHeader, RamBlockRecord, RamSetup, StreamLayout
 from ramfs.image.cache import CACHE_FORMAT_VERSION, atomic_tmp
 
 CHUNK_SHIFT = 15  # 32768 pages = 128 MiB of 4 KiB pages per chunk; 256 KiB of offsets
@@ -36,7 +37,7 @@ class PageIndex:
     """Per block: page number -> payload file offset (0 = zeros)."""
 
     def __init__(self, num_blocks: int):
-        self.chunks: list[dict[int, array]] = [{} for _ in range(num_blocks)]
+        self.chunks: list[dict[int, array[int]]] = [{} for _ in range(num_blocks)]
         # Per chunk, a bitmap of the pages with data (LSB-first, like mapped-ram's): lets
         # reads skip zero runs and maps/ list ranges without visiting every page.
         self.bits: list[dict[int, bytearray]] = [{} for _ in range(num_blocks)]
@@ -46,25 +47,44 @@ class PageIndex:
             self.chunks.append({})
             self.bits.append({})
 
-    def sink(self, block: int, page: int, offset: int) -> None:
-        no = page >> CHUNK_SHIFT
-        c = self.chunks[block].get(no)
-        if c is None:
-            if not offset:
-                return
-            c = self.chunks[block][no] = array("q", _ZERO_CHUNK)
-            self.bits[block][no] = bytearray(CHUNK_PAGES // 8)
-        i = page & CHUNK_MASK
-        c[i] = offset
-        bm = self.bits[block][no]
-        if offset:
-            bm[i >> 3] |= 1 << (i & 7)
-        else:
-            bm[i >> 3] &= ~(1 << (i & 7))
+    # -- qemu.RecordSink: the parser fills the index ------------------------------------
+    def start(self, ram: RamSetup) -> None:
+        self.add_blocks(len(ram.blocks))
 
-    def run(self, block: int, page: int, count: int, offset: int, stride: int) -> None:
+    def pages(self, block: int, first: int, count: int, buf: bytes, pos: int, stride: int,
+              offset: int) -> None:
+        """PAGE records: page ``first + n`` is at ``offset + n * stride`` (qemu.RecordSink)."""
+        if count == 1:  # most calls on a fragmented guest: no loop, no array
+            no = first >> CHUNK_SHIFT
+            c = self.chunks[block].get(no)
+            if c is None:
+                c = self._new_chunk(block, no)
+            i = first & CHUNK_MASK
+            c[i] = offset
+            self.bits[block][no][i >> 3] |= 1 << (i & 7)
+        else:
+            self._fill(block, first, count, offset, stride)
+
+    def zeros(self, block: int, first: int, count: int) -> None:
+        """ZERO records (qemu.RecordSink): the pages read as zeros again."""
+        if count == 1:
+            no = first >> CHUNK_SHIFT
+            c = self.chunks[block].get(no)
+            if c is not None:
+                i = first & CHUNK_MASK
+                c[i] = 0
+                self.bits[block][no][i >> 3] &= ~(1 << (i & 7))
+        else:
+            self._fill(block, first, count, 0, 0)
+
+    def _new_chunk(self, block: int, no: int) -> array[int]:
+        c = self.chunks[block][no] = array("q", _ZERO_CHUNK)
+        self.bits[block][no] = bytearray(CHUNK_PAGES // 8)
+        return c
+
+    def _fill(self, block: int, page: int, count: int, offset: int, stride: int) -> None:
         """``count`` consecutive pages from ``page``, payloads every ``stride`` bytes from
-        ``offset`` (0: zero pages); see qemu.RunSink."""
+        ``offset`` (0: zero pages), chunk by chunk."""
         chunks = self.chunks[block]
         while count > 0:
             no = page >> CHUNK_SHIFT
@@ -72,8 +92,7 @@ class PageIndex:
             k = min(count, CHUNK_PAGES - i)
             c = chunks.get(no)
             if c is None and offset:
-                c = chunks[no] = array("q", _ZERO_CHUNK)
-                self.bits[block][no] = bytearray(CHUNK_PAGES // 8)
+                c = self._new_chunk(block, no)
             if c is not None:
                 if offset:
                     c[i : i + k] = array("q", range(offset, offset + k * stride, stride))
@@ -92,7 +111,7 @@ class PageIndex:
         c = self.chunks[block].get(page >> CHUNK_SHIFT)
         return c[page & CHUNK_MASK] if c is not None else 0
 
-    def chunk(self, block: int, chunk_no: int) -> array | None:
+    def chunk(self, block: int, chunk_no: int) -> array[int] | None:
         return self.chunks[block].get(chunk_no)
 
     def populated(self, block: int) -> int:
@@ -114,7 +133,7 @@ class PageIndex:
                     raise CacheError(f"index bitmap disagrees with offsets for {blk.idstr!r}")
 
     # -- persistence -----------------------------------------------------------------
-    def save(self, path: Path, layout: StreamLayout, extra: dict) -> None:
+    def save(self, path: Path, layout: StreamLayout, extra: dict[str, Any]) -> None:
         meta = {"layout": layout_to_json(layout), "extra": extra,
                 "chunks": [sorted(ch) for ch in self.chunks]}
         blob = json.dumps(meta).encode()
@@ -139,7 +158,7 @@ class PageIndex:
             raise
 
     @classmethod
-    def load(cls, path: Path) -> tuple["PageIndex", StreamLayout, dict]:
+    def load(cls, path: Path) -> tuple[PageIndex, StreamLayout, dict[str, Any]]:
         try:
             with open(path, "rb") as f:
                 head = f.read(_INDEX_HEAD.size)
@@ -189,7 +208,7 @@ def _set_bits(bm: bytearray, start: int, stop: int, value: bool) -> None:
         start += 1
 
 
-def layout_to_json(layout: StreamLayout) -> dict:
+def layout_to_json(layout: StreamLayout) -> dict[str, Any]:
     d = dataclasses.asdict(layout)
     d["vmdesc"] = None if layout.vmdesc is None else layout.vmdesc.decode("utf-8", "surrogateescape")
     if layout.configuration is not None and layout.configuration.uuid is not None:
@@ -197,7 +216,7 @@ def layout_to_json(layout: StreamLayout) -> dict:
     return d
 
 
-def layout_from_json(d: dict) -> StreamLayout:
+def layout_from_json(d: dict[str, Any]) -> StreamLayout:
     d = dict(d)
     conf = d.get("configuration")
     if conf is not None:

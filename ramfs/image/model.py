@@ -11,24 +11,23 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ramfs import __version__
 from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError,
                           UnsupportedError)
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
 from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout,
-                               bits_beyond, count_bits, is_qemu_magic, parse_configuration, parse_stream, populated_count,
-                               set_runs)
-from ramfs.format.source import ForwardSource
-from ramfs.image.bitmap import CHUNK as SPARSE_CHUNK
-from ramfs.image.bitmap import SparseBitmap, load_bitmap
+                               count_bits, is_qemu_magic, parse_configuration, parse_stream, set_runs)
+from ramfs.format.source import ForwardSource, Source
+from ramfs.image.bitmap import Bitmap, load_bitmap
 from ramfs.image.cache import atomic_tmp, cache_dir, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
 from ramfs.image.files import FileSource
 from ramfs.image.index import CHUNK_PAGES, CHUNK_SHIFT, PageIndex
+from ramfs.ranges import merge_ranges
 
 # Neighbouring payloads closer than this are fetched with one pread and sliced: in a
 # sequential stream consecutive pages sit 8 bytes apart (the next record header).
@@ -93,55 +92,32 @@ class RamBlock:
         covering ``[start, end)`` (default: the whole block)."""
         ps = self.page_size
         last = self.num_pages if end is None else min(self.num_pages, (end + ps - 1) // ps)
-        cur = None
-        for start, stop, foff in self.page_runs(min(start // ps, last), last):
-            if foff is None:
-                continue
-            if cur is not None and cur[1] == start * ps:
-                cur = (cur[0], stop * ps)
-            else:
-                if cur is not None:
-                    yield cur
-                cur = (start * ps, stop * ps)
-        if cur is not None:
-            yield cur
+        yield from merge_ranges((a * ps, b * ps) for a, b, foff in self.page_runs(min(start // ps, last), last)
+                                if foff is not None)
 
 
 class MappedRamBlock(RamBlock):
     """Bit set: the page is at ``pages_offset + i * page_size``; bit clear: zeros."""
 
-    def __init__(self, record: RamBlockRecord, page_size: int, bitmap: "bytes | SparseBitmap"):
-        pages = record.used_length // page_size
-        if isinstance(bitmap, SparseBitmap):
-            count = bitmap.populated_count(pages)
-            self._set_runs = bitmap.set_runs
-        else:
-            count = populated_count(bitmap, pages) if bitmap else 0
-            self._set_runs = lambda first, last: set_runs(bitmap, first, last)
-        super().__init__(record, page_size, count)
+    def __init__(self, record: RamBlockRecord, page_size: int, bitmap: Bitmap):
+        super().__init__(record, page_size, bitmap.populated_count(record.used_length // page_size))
         self.bitmap = bitmap
         self.pages_offset = record.mapped.pages_offset
 
-    def populated_spans(self):
-        bm, n = self.bitmap, self.num_pages
-        if not bm:
-            return
-        if isinstance(bm, SparseBitmap):
-            pieces = [(no * SPARSE_CHUNK * 8, bm.chunks[no]) for no in sorted(bm.chunks)]
-        else:
-            pieces = [(0, bm)]
-        for base, bits in pieces:
+    def populated_spans(self) -> Iterator[tuple[int, int, int]]:
+        n = self.num_pages
+        for base, bits in self.bitmap.pieces():
             for a in range(base, min(base + len(bits) * 8, n), SPAN_PAGES):
                 b = min(a + SPAN_PAGES, base + len(bits) * 8, n)
                 k = count_bits(bits, a - base, b - base)
                 if k:
                     yield a, b, k
 
-    def page_runs(self, first, last):
+    def page_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int | None]]:
         pos = first
         ps = self.page_size
         if self.bitmap:
-            for a, b in self._set_runs(first, last):
+            for a, b in self.bitmap.set_runs(first, last):
                 if a > pos:
                     yield pos, a, None
                 yield a, b, self.pages_offset + a * ps
@@ -224,27 +200,22 @@ class IndexedBlock(RamBlock):
             if k:
                 yield base, b, k
 
-    def populated_ranges(self, start: int = 0, end: int | None = None):
+    def populated_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Straight from the chunk bitmaps: no per-page work in zero runs."""
         ps = self.page_size
-        first = start // ps
+        yield from merge_ranges((a * ps, z * ps) for a, z in self._populated_runs(start // ps, end))
+
+    def _populated_runs(self, first: int, end: int | None) -> Iterator[tuple[int, int]]:
+        """Runs of populated pages from ``first`` to the page holding byte ``end`` (or the
+        end of the block), chunk by chunk (a run may continue in the next chunk)."""
+        ps = self.page_size
         last = self.num_pages if end is None else min(self.num_pages, (end + ps - 1) // ps)
-        cur = None
         for no in sorted(self._index.chunks[self.index]):
             base = no << CHUNK_SHIFT
             lo, hi = max(first - base, 0), min(1 << CHUNK_SHIFT, last - base)
-            if lo >= hi:
-                continue
-            for a, z in set_runs(self._index.chunk_bits(self.index, no), lo, hi):
-                start, stop = (base + a) * ps, (base + z) * ps
-                if cur is not None and cur[1] == start:
-                    cur = (cur[0], stop)
-                else:
-                    if cur is not None:
-                        yield cur
-                    cur = (start, stop)
-        if cur is not None:
-            yield cur
+            if lo < hi:
+                for a, z in set_runs(self._index.chunk_bits(self.index, no), lo, hi):
+                    yield base + a, base + z
 
 
 @dataclass(frozen=True)
@@ -530,12 +501,11 @@ def _exists(p: Path) -> bool:
         return False
 
 
-def _parse_with_index(src, base, holder: list) -> StreamLayout:
+def _parse_with_index(src: Source, base: int, holder: list[PageIndex]) -> StreamLayout:
     """Parse once, filling a page index sized when the block list is known."""
     idx = PageIndex(0)
     holder.append(idx)
-    layout = parse_stream(src, base, src.size, on_page=idx.sink, on_run=idx.run,
-                          on_setup=lambda p: idx.add_blocks(len(p.blocks)))
+    layout = parse_stream(src, base, src.size, sink=idx)
     idx.add_blocks(len(layout.blocks))
     return layout
 
@@ -552,11 +522,7 @@ def _make_blocks(src, layout: StreamLayout, index: PageIndex | None, warnings: l
     for rec in layout.blocks:
         if layout.mapped_ram:
             bitmap = load_bitmap(src, rec)
-            pages = rec.used_length // layout.page_size
-            if isinstance(bitmap, SparseBitmap):
-                extra = bitmap.bits_beyond(pages)
-            else:
-                extra = bits_beyond(bitmap, pages) if bitmap else 0
+            extra = bitmap.bits_beyond(rec.used_length // layout.page_size)
             if extra:
                 warnings.append(f"bitmap of {rec.idstr!r} has {extra} bits set past its "
                                 f"{rec.used_length // layout.page_size} pages (ignored)")

@@ -104,7 +104,7 @@ class Placement:
 
     @classmethod
     def parse(cls, below_4g: int | None = None, numa: str | None = None,
-              devices: list[str] | None = None) -> "Placement":
+              devices: list[str] | None = None) -> Placement:
         """From the command line: ``numa`` as ``ID:ID...`` (or commas), ``devices`` as
         ``ID@ADDR`` items (each may hold several, ``:``-separated, as -o options need)."""
         order = tuple(n for n in re.split(r"[:,]", numa) if n) if numa else None
@@ -121,7 +121,7 @@ class Placement:
                 placed.append((bid, gpa))
         return cls(below_4g, order, tuple(placed))
 
-    def map(self, image: Image) -> "PhysMap":
+    def map(self, image: Image) -> PhysMap:
         return phys_map(image, self.below_4g, numa=self.numa, devices=dict(self.devices) or None)
 
 

@@ -18,7 +18,8 @@ copies). Every view implements :class:`View`; the tree adds one with
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+from collections.abc import Iterator
 
 from ramfs.image.model import Image, RamBlock
 

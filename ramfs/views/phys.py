@@ -7,7 +7,7 @@ this view reads through it: placed ranges from the image, everything else as zer
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from collections.abc import Iterator
 
 from ramfs.image.model import Image
 from ramfs.image.phys import PhysMap, PhysRange

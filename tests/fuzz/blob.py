@@ -36,7 +36,7 @@ class Blob:
         self.buf = bytearray(buf)
         self.fields: list[Field] = list(fields or [])
 
-    def copy(self) -> "Blob":
+    def copy(self) -> Blob:
         return Blob(self.buf, self.fields)
 
     def __len__(self) -> int:
@@ -83,7 +83,7 @@ class Blob:
         self.fields.append(f)
         return f
 
-    def extend(self, other: "Blob") -> None:
+    def extend(self, other: Blob) -> None:
         base = self.pos
         self.buf += other.buf
         self.fields.extend(replace(f, off=f.off + base) for f in other.fields)

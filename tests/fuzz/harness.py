@@ -109,7 +109,7 @@ class Image:
             for i, (off, data) in enumerate(self.segments)]}
 
     @classmethod
-    def load(cls, bin_path: Path, meta: dict) -> "Image":
+    def load(cls, bin_path: Path, meta: dict) -> Image:
         first = bin_path.read_bytes()
         segs = [(0, first)]
         for s in meta.get("image", {}).get("segments", [])[1:]:
@@ -129,7 +129,7 @@ def compress(fmt: int, data: bytes) -> bytes:
     raise ValueError(fmt)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros_frame(fmt: int, mib: int) -> bytes:
     return compress(fmt, bytes(mib << 20))
 
@@ -240,7 +240,7 @@ def _where(tb: str) -> str:
     return f"{Path(f).name}:{fn}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _functions(filename: str) -> list[tuple[int, int, str]]:
     import ast
     try:

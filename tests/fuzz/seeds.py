@@ -25,7 +25,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from fuzz.blob import Blob
 
@@ -65,7 +65,7 @@ class Case:
     ops: list[str] = field(default_factory=list)
     known_bug: str | None = None  # a valid seed that ramfs rejects today (see regressions/)
 
-    def copy(self) -> "Case":
+    def copy(self) -> Case:
         return Case(self.name, self.stream.copy(), None if self.prefix is None else self.prefix.copy(),
                     self.compress, [(o, b.copy()) for o, b in self.far], self.extend, list(self.post),
                     list(self.ops), self.known_bug)
@@ -96,7 +96,7 @@ def _pread(path, off, n) -> bytes:
         return f.read(n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def real(name: str) -> Real:
     from ramfs.image import open_image
     path = str(fixture_path(name))
@@ -139,7 +139,7 @@ class Rec:
     named: bool
 
 
-@lru_cache(maxsize=None)
+@cache
 def _real_records(name: str) -> tuple[Rec, ...]:
     return tuple(_walk_records(real(name)))
 
