@@ -73,7 +73,7 @@ def entry(decompressed_path: str | os.PathLike[str]) -> dict[str, Any]:
     except KeyError:
         raise KeyError(
             f"{key!r} is not in tests/data/manifest.json (only firmware/ and libvirt/ "
-            "are shipped; linux/ exists only in ../shared/fixtures, see shared_fixtures_dir())"
+            "are shipped; a Linux guest is built at test time: qemu_images.build_linux)"
         ) from None
 
 
@@ -107,16 +107,6 @@ def entries(kind: str | Iterable[str] | None = None, **filters: Any) -> list[dic
 def is_archived(e: Mapping[str, Any]) -> bool:
     """True for files stored inside an archive (images and dumps), False for plain text."""
     return bool(e.get("archive"))
-
-
-def shared_fixtures_dir() -> Path | None:
-    """``../shared/fixtures`` beside the repo (or ``$RAMFS_SHARED_FIXTURES``) if it exists.
-
-    Only for optional cross-checks (e.g. the linux/ fixtures, which are not shipped).
-    """
-    env = os.environ.get("RAMFS_SHARED_FIXTURES")
-    d = Path(env) if env else REPO_DIR.parent / "shared" / "fixtures"
-    return d if (d / "manifest.json").is_file() else None
 
 
 # --------------------------------------------------------------------------- extraction
@@ -297,35 +287,3 @@ def fixture_path(decompressed_path: str | os.PathLike[str]) -> Path:
     if not p.is_file():
         raise FixtureError(f"{p} is missing; run scripts/pack-fixtures.py")
     return p
-
-
-def shared_fixture_path(decompressed_path: str) -> Path | None:
-    """A file of ``../shared/fixtures`` (e.g. the linux/ set we do not ship), decompressed once
-    into the test cache and checked against the shared manifest; None when shared/ is absent."""
-    shared = shared_fixtures_dir()
-    if shared is None:
-        return None
-    files = json.loads((shared / "manifest.json").read_text())["files"]
-    e = next((f for f in files if f.get("decompressed_path") == decompressed_path), None)
-    if e is None:
-        raise FixtureError(f"{decompressed_path} is not in {shared}/manifest.json")
-    root = cache_root()
-    final = root / f"shared-{e['sha256'][:16]}" / Path(decompressed_path).name
-    if final.is_file() and final.stat().st_size == e["logical_size"]:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final.is_file() and final.stat().st_size == e["logical_size"]):
-            tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
-            tmp.unlink(missing_ok=True)
-            try:
-                with lzma.open(shared / e["path"], "rb") as src:
-                    digest = _write_sparse(src, tmp, e["logical_size"])
-                if digest != e["sha256"]:
-                    raise FixtureError(f"{decompressed_path}: sha256 {digest} != manifest {e['sha256']}")
-                os.chmod(tmp, 0o444)
-                os.rename(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
-    return final

@@ -34,8 +34,8 @@ import pytest
 
 import qemu_images
 from conftest import REPO, patch, sparse_copy
-from fixture_data import entries, entry, fixture_path, shared_fixture_path, shared_fixtures_dir
-from qemu_images import LARGE_PC, LINUX_Q35_LIBVIRT, SMALL_PC, SMALL_Q35, first_difference
+from fixture_data import entries, entry, fixture_path
+from qemu_images import LARGE_PC, SMALL_PC, SMALL_Q35, first_difference
 from ramfs.image import open_image
 
 MIB = 1 << 20
@@ -60,7 +60,6 @@ QEMU_OWN_MAPPED_RAM = {
     **{p: "libvirt/fw-pc-sparse.img" for p in LIBVIRT_SEQUENTIAL if p != "libvirt/fw-pc-raw-paused.img"},
 }
 
-needs_shared = pytest.mark.skipif(shared_fixtures_dir() is None, reason="../shared/fixtures not present")
 
 
 # ------------------------------------------------------------------------ helpers
@@ -274,9 +273,6 @@ class Conversions:
     def fixture(self, name: str) -> Path:
         return self.get(name, fixture_path(name))
 
-    def shared(self, name: str) -> Path:
-        return self.get("shared/" + name, shared_fixture_path(name))
-
 
 @pytest.fixture(scope="module")
 def conversions(tmp_path_factory, cache_dir) -> Conversions:
@@ -408,25 +404,30 @@ def test_converted_fixture_equals_qemus_own_mapped_ram(name, conversions):
         assert_device_state_copied(conversions.fixture(name), fixture_path(name))
 
 
-# ------------------------------------------------------- 2. the Linux guest of ../shared
+# ------------------------------------------------- 2. a Linux guest made at test time
+
+@pytest.fixture(scope="module")
+def linux():
+    """A Linux guest's libvirt raw image, bare stream and libvirt sparse image (written by
+    QEMU itself at the libvirt offset), with its memory as QEMU restored it."""
+    return qemu_images.build_linux_libvirt()
+
 
 @pytest.mark.qemu
-@pytest.mark.shared
-@needs_shared
-@pytest.mark.parametrize("name", ["linux/linux-q35-raw.img", "linux/linux-q35-sequential.img"])
-def test_converted_linux_guest_restores_to_ground_truth(name, conversions, tmp_path):
-    out = conversions.shared(name)
-    assert_restores_to(out, LINUX_Q35_LIBVIRT, shared_fixture_path("linux/linux-q35-pmemsave.bin"),
-                       tmp_path / "linux.bin")
+@pytest.mark.parametrize("which", ["raw", "sequential"])
+def test_converted_linux_guest_restores_to_ground_truth(which, linux, conversions, tmp_path):
+    src = linux.raw if which == "raw" else linux.guest.sequential
+    out = conversions.get(f"linux-{which}", src)
+    assert_restores_to(out, linux.guest.machine_args(), linux.pmemsave, tmp_path / "linux.bin")
 
 
-@pytest.mark.shared
-@needs_shared
-def test_converted_linux_raw_equals_libvirts_sparse(conversions):
-    compare_with_qemu_mapped_ram(conversions.shared("linux/linux-q35-raw.img"),
-                                 shared_fixture_path("linux/linux-q35-sparse.img"))
-    assert_device_state_copied(conversions.shared("linux/linux-q35-raw.img"),
-                               shared_fixture_path("linux/linux-q35-raw.img"))
+@pytest.mark.qemu
+def test_converted_linux_raw_equals_qemus_sparse(linux, conversions):
+    """ramfs's conversion of the libvirt raw image equals the libvirt sparse image QEMU
+    wrote of the same guest (same layout, same pages), and carries the device state over."""
+    out = conversions.get("linux-raw", linux.raw)
+    compare_with_qemu_mapped_ram(out, linux.sparse)
+    assert_device_state_copied(out, linux.raw)
 
 
 # ---------------------------------------------------- 3. images made by QEMU at test time
