@@ -85,13 +85,13 @@ def _scan_bar(quiet: bool = False):
     return Progress(None, "scanning", enabled=False if quiet else None)
 
 
-def _facts(path: str, quiet: bool = False, placement=None) -> dict:
+def _facts(path: str, quiet: bool = False, placement=None, snapshot: str | None = None) -> dict:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
     bar = _scan_bar(quiet)
     try:
-        with open_image(path, reads=False, progress=bar.scanned) as img:
+        with open_image(path, reads=False, progress=bar.scanned, snapshot=snapshot) as img:
             return describe(img, placement=placement)
     finally:
         bar.done()
@@ -104,7 +104,7 @@ def cmd_info(args) -> int:
         status = EXIT_OK
         for path in args.image:
             try:
-                line = _facts(path, args.quiet, _placement(args))
+                line = _facts(path, args.quiet, _placement(args), args.snapshot)
             except RamfsError as e:
                 line = {"path": path, "error": _utf8(str(e))}
                 status = EXIT_ERROR
@@ -115,7 +115,7 @@ def cmd_info(args) -> int:
         if n and not args.json:
             print()
         try:
-            facts = _facts(path, args.quiet, _placement(args))
+            facts = _facts(path, args.quiet, _placement(args), args.snapshot)
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
@@ -166,7 +166,7 @@ def _print_info(facts: dict) -> None:
 def cmd_ls(args) -> int:
     """The RAM blocks, one line each like ``ls -l``: size, the bytes that hold data (the
     rest reads as zeros), and the block's idstr (``ram/`` of a mount shows them as files)."""
-    facts = _facts(args.image, args.quiet)
+    facts = _facts(args.image, args.quiet, snapshot=args.snapshot)
     rows = []
     for b in facts["blocks"]:
         size, used = b["used_length"], b["populated_bytes"]
@@ -212,7 +212,7 @@ def cmd_check(args) -> int:
     from ramfs.image.describe import check
 
     warnings: list[str] = []
-    problems = check(args.image, warnings=warnings, placement=_placement(args))
+    problems = check(args.image, warnings=warnings, placement=_placement(args), snapshot=args.snapshot)
     for w in warnings:
         print(f"{_show(args.image)}: warning: {_show(w)}")
     if not problems:
@@ -242,10 +242,11 @@ def cmd_convert(args) -> int:
 
     if args.jobs < 1:
         raise RamfsError("--jobs must be at least 1")
-    total = os.path.getsize(args.src) if os.path.isfile(args.src) else None
+    total = os.path.getsize(args.src) if os.path.isfile(args.src) and not args.snapshot else None
     bar = Progress(total, "converting", enabled=False if args.quiet else None)
     try:
-        r = convert_file(args.src, args.dst, jobs=args.jobs, direct_io=args.direct_io, progress=bar)
+        r = convert_file(args.src, args.dst, jobs=args.jobs, direct_io=args.direct_io, progress=bar,
+                         snapshot=args.snapshot)
     finally:
         bar.done()
     if not args.quiet:
@@ -309,7 +310,7 @@ def _write_phys_view(args, as_core: bool) -> int:
     placement = _placement(args)
     bar = _scan_bar(args.quiet)
     try:
-        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned)
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot)
     finally:
         bar.done()
     with img:
@@ -348,7 +349,7 @@ def cmd_export(args) -> int:
         raise RamfsError(f"--format {args.format} needs the {program} program")
     bar = _scan_bar(args.quiet)
     try:
-        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned)
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot)
     finally:
         bar.done()
     with img:
@@ -495,6 +496,12 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_mount)
 
 
+def add_snapshot_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--snapshot", metavar="NAME",
+                   help="the image is a qcow2 disk: use the VM state of its internal snapshot NAME (or id), "
+                   "as savevm, virsh snapshot-create-as or virt-manager made it")
+
+
 def add_placement_arguments(s: argparse.ArgumentParser) -> None:
     """What phys/ needs to know and a bare stream does not record (a libvirt image's domain
     XML does): NUMA node order, memory device addresses."""
@@ -539,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--jsonl", action="store_true", help="one compact JSON object per line and image; an "
                      "image that cannot be read gives {\"path\": ..., \"error\": ...}")
     add_placement_arguments(s)
+    add_snapshot_argument(s)
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("ls", help="list the RAM blocks like ls -l", description="List the RAM blocks of "
                        "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
@@ -547,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image").complete = COMPLETE_FILE
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
+    add_snapshot_argument(s)
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("check", help="validate a save image's structure",
                        description="Validate a save image; list each problem and exit 1 if any.",
@@ -555,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("image").complete = COMPLETE_FILE
     add_placement_arguments(s)
+    add_snapshot_argument(s)
     s.set_defaults(func=cmd_check)
     s = sub.add_parser("convert", help="convert a sequential image to mapped-ram (libvirt 'sparse')",
                        description="Convert a sequential save image (bare or libvirt, raw or compressed) "
@@ -570,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--direct-io", action="store_true",
                    help="write page data with O_DIRECT, keeping it out of the page cache")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    add_snapshot_argument(s)
     s.set_defaults(func=cmd_convert)
     s = sub.add_parser("export", help="write the image as a classic sequential save image",
                        description="Write IMAGE (any encoding ramfs reads) as a classic sequential save "
@@ -585,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress the stream like libvirt (needs a libvirt image; default raw)")
     s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    add_snapshot_argument(s)
     s.set_defaults(func=cmd_export)
     for name, fn, what in (("phys", cmd_phys, "guest-physical memory (sparse; offset = address)"),
                            ("core", cmd_core, "an ELF core like QEMU's dump-guest-memory")):
@@ -598,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_placement_arguments(s)
         s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        add_snapshot_argument(s)
         s.set_defaults(func=fn)
     s = sub.add_parser("mount", help="mount an image or a directory of images (read-only)",
                        description="Mount a save image (or every image in a directory) as files: "

@@ -18,7 +18,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, UnsupportedError
 from ramfs.format import encode
@@ -367,23 +367,46 @@ def _copy_sparse(src: _Input, fd: int, offset: int) -> int:
     return pos
 
 
+class _SourceReader:
+    """``read(n)`` in order over a ``read_at`` source (a qcow2 snapshot's VM state)."""
+
+    def __init__(self, source: Any):
+        self._source = source
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._source.read_at(self._pos, n)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._source.close()
+
+
 def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
-                 progress: Progress | None = None) -> ConvertResult:
+                 progress: Progress | None = None, snapshot: str | None = None) -> ConvertResult:
     """Convert the image ``src`` into a new file ``dst`` (never overwritten).
 
     The output is written under a temporary name beside ``dst`` and appears under ``dst``
     only once complete and checked (:mod:`ramfs.publish`); on any failure nothing is left
-    behind.
+    behind. ``snapshot``: ``src`` is a qcow2 disk, convert the VM state of that internal
+    snapshot (QEMU restores the result only with the disk reverted to the snapshot).
     """
     from ramfs.convert.verify import verify_output
 
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):  # before opening the source; NewFile checks again
         raise RamfsError(f"{dst} already exists")
-    try:
-        fin = open(src, "rb", buffering=0)
-    except OSError as e:
-        raise ImageIOError(f"cannot open {src}: {e.strerror}", e.errno) from None
+    fin: Any
+    if snapshot is not None:
+        from ramfs.image.qcow2 import VmstateSource
+        vmstate = VmstateSource(FileSource(src), snapshot)
+        fin = _SourceReader(vmstate)
+    else:
+        try:
+            fin = open(src, "rb", buffering=0)
+        except OSError as e:
+            raise ImageIOError(f"cannot open {src}: {e.strerror}", e.errno) from None
     new = NewFile(dst, readable=True)
     direct_fd = -1
     try:
@@ -398,10 +421,14 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
             if direct_io and e.errno == errno.EINVAL:
                 raise ImageIOError(f"{os.path.dirname(dst)} does not support O_DIRECT", e.errno) from None
             raise ImageIOError(f"cannot create {new.tmp_path}: {e.strerror}", e.errno) from None
-        with fin, FileSource(src, fd=os.dup(fin.fileno())) as seekable:
+        if snapshot is not None:
             result = convert_stream(fin.read, new.fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
-                                    progress=progress,
-                                    seekable=seekable if stat.S_ISREG(seekable.stat.st_mode) else None)
+                                    progress=progress, seekable=vmstate)
+        else:
+            with FileSource(src, fd=os.dup(fin.fileno())) as seekable:
+                result = convert_stream(fin.read, new.fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
+                                        progress=progress,
+                                        seekable=seekable if stat.S_ISREG(seekable.stat.st_mode) else None)
         verify_output(f"/proc/self/fd/{new.fd}", result)  # the inode written, not a name
         try:
             new.publish()

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
+from ramfs.format.qcow2 import QCOW_MAGIC
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
 from ramfs.fs.convertdir import TMP_PREFIX, Conversion
 from ramfs.fs.names import COLLISION_MARK, escape
@@ -114,6 +115,7 @@ class DirNode(Node):
     path: str | None = None  # directory mode: the image file behind this directory
     fd: int | None = None  # directory mode: that file, opened at listing, until populated
     writable: bool = False  # convert/: the backing directory's mode as it is, write bits too
+    snapshot: str | None = None  # a qcow2 disk's internal snapshot: the image is its VM state
 
     @property
     def is_dir(self) -> bool:
@@ -320,16 +322,48 @@ class Tree:
         self._owned()
         if self._image_fd is None:
             self.open_image_file(path)
+        st = os.fstat(self._image_fd)  # the path may not be ours to stat (--user)
+        if os.pread(self._image_fd, 4, 0) == QCOW_MAGIC:
+            # A qcow2 disk: its snapshots with VM state, each opened when first looked in.
+            root = DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st), dynamic=True)
+            assert root.inode == ROOT_INODE
+            self._fill_snapshots(root, path, self._image_fd, st)
+            self._register(root)
+            self.root = root
+            return
         # The image keeps a descriptor of its own: ours stays to watch the owner and mode.
         img = open_image(path, cache=self.cache, direct_io=self.direct_io, fd=os.dup(self._image_fd),
                          progress=self.progress)
         self.images.append(img)
-        st = img.source.stat  # fstat: the path may not be ours to stat (--user)
         root = DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st))
         assert root.inode == ROOT_INODE
         self.fill_image_dir(root, img, st.st_mtime_ns)
         self._register(root)
         self.root = root
+
+    def _fill_snapshots(self, d: DirNode, path: str, fd: int, st: os.stat_result) -> int:
+        """``snapshots/<name>/`` under ``d`` for each internal snapshot of the qcow2 file
+        open as ``fd`` that has VM state (each pending, with a descriptor of its own); the
+        number of them. The file is only read, never locked (docs/formats.md)."""
+        from ramfs.format.qcow2 import parse_header, parse_snapshots
+        from ramfs.image.files import FileSource
+
+        src = FileSource(path, os.dup(fd))
+        try:
+            snaps = [sn for sn in parse_snapshots(src, parse_header(src)) if sn.vm_state_size]
+        finally:
+            src.close()
+        if not snaps:
+            return 0
+        top = self.mkdir(d, b"snapshots", st.st_mtime_ns)
+        for sn in snaps:
+            comps, _ = escape(sn.name or sn.id)
+            name = b"%".join(comps) if len(comps) > 1 else comps[0]  # one level: a '/' in a name escaped
+            if name in top.children:
+                name += b"%@" + sn.id.encode()
+            self._link(top, DirNode(self.new_inode(), name, sn.date_sec * 10**9 + sn.date_nsec, d.owner,
+                                    pending=True, dynamic=True, path=path, fd=os.dup(fd), snapshot=sn.id))
+        return len(snaps)
 
     def refresh_owners(self) -> None:
         """Single-image mode: take a changed owner or mode of the image (its fstat), at most
@@ -599,6 +633,17 @@ class Tree:
             head = os.pread(fd, 16, 0)
         except OSError:
             head = b""
+        if head[:4] == QCOW_MAGIC:
+            # A qcow2 disk shows when it has snapshots with VM state: snapshots/<name>/.
+            d.pending = False
+            try:
+                found = self._fill_snapshots(d, path, fd, st)
+            except (RamfsError, OSError) as e:
+                log.debug("%s: %s", path, e)
+                found = 0
+            finally:
+                os.close(fd)
+            return d if found else None
         if not (head in (QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL) or head[:4] == QEMU_VM_FILE_MAGIC_BYTES):
             os.close(fd)
             return None
@@ -627,7 +672,8 @@ class Tree:
             self.static(staging, b"ERROR", d.mtime_ns, f"{path} was removed or replaced\n".encode())
             return staging, None
         try:
-            img = open_image(path, cache=self.cache, direct_io=self.direct_io, fd=fd, progress=self.progress)
+            img = open_image(path, cache=self.cache, direct_io=self.direct_io and d.snapshot is None, fd=fd,
+                             progress=self.progress, snapshot=d.snapshot)
         except RamfsError as e:
             log.warning("%s: %s", path, e)
             self.static(staging, b"ERROR", d.mtime_ns, f"{e}\n".encode())

@@ -121,7 +121,7 @@ def _devices(image: Image):
 
 
 def check(path: str, *, cache=None, use_cache: bool = False, warnings: list[str] | None = None,
-          placement=None) -> list[str]:
+          placement=None, snapshot: str | None = None) -> list[str]:
     """Validate an image's structure; return every problem found (empty: the image is sound).
 
     A structural error stops the walk (what follows cannot be located), so it is the last
@@ -132,7 +132,8 @@ def check(path: str, *, cache=None, use_cache: bool = False, warnings: list[str]
     """
     problems: list[str] = []
     try:
-        with open_image(path, cache=cache, use_cache=use_cache, reads=False, allow_partial=True) as img:
+        with open_image(path, cache=cache, use_cache=use_cache, reads=False, allow_partial=True,
+                        snapshot=snapshot) as img:
             problems.extend(img.warnings)
             if img.layout.vmdesc is None and img.layout.eof_offset is not None:
                 problems.append("no VM description (vmdesc) after QEMU_VM_EOF")

@@ -381,7 +381,8 @@ def _int(v) -> int:
 
 def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = None, use_cache: bool = True,
                reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
-               fd: int | None = None, progress: Callable[[int, int], None] | None = None) -> Image:
+               fd: int | None = None, progress: Callable[[int, int], None] | None = None,
+               snapshot: str | None = None) -> Image:
     """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
 
     ``reads=False`` describes a compressed image by streaming it, without spooling a
@@ -390,8 +391,18 @@ def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
     ``fd``: the image already opened (by a more privileged process), taken over and closed.
     ``progress(done, total)``: bytes of the file scanned so far, while an index is built or a
     compressed image is decompressed into the cache (for a progress bar).
+    ``snapshot``: ``path`` is a qcow2 disk; open the VM state of its internal snapshot of that
+    name (or id), a sequential stream inside the qcow2 file (ramfs.image.qcow2).
     """
     path = os.fspath(path)
+    if snapshot is not None:
+        from ramfs.image.qcow2 import VmstateSource
+        qsrc = VmstateSource(FileSource(path, fd), snapshot)
+        try:
+            return _open(qsrc.path, qsrc, Path(cache_dir(cache)), use_cache, reads, allow_partial, progress)
+        except BaseException:
+            qsrc.close()
+            raise
     if direct_io:
         # O_DIRECT: the scan and every read bypass the host page cache (for hosts running VMs).
         from ramfs.image.files import DirectFileSource
@@ -419,6 +430,14 @@ def _open(path, src, cdir, use_cache, reads, allow_partial, progress=None) -> Im
         if fmt.compressed:
             return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress)
     elif not is_qemu_magic(head):
+        if head[:4] == b"QFI\xfb":
+            from ramfs.image.qcow2 import snapshots_with_state
+            try:
+                names = ", ".join(sn.name for sn in snapshots_with_state(path)) or "none"
+            except RamfsError as e:
+                names = f"unreadable: {e}"
+            raise NotAnImageError(f"{path} is a qcow2 disk: name one of its snapshots with VM state "
+                                  f"(--snapshot NAME; snapshots with VM state: {names})")
         if len(head) < 4:
             raise NotAnImageError(f"{path}: not a save image (file is {len(head)} bytes long)")
         raise NotAnImageError(f"{path}: not a save image (neither a libvirt header nor a QEMU stream)")

@@ -1,0 +1,135 @@
+"""qcow2 internal snapshots as images: the VM state ``savevm`` leaves in a disk.
+
+Guests with a qcow2 disk, made by real QEMU at test time, take three snapshots: ``savevm`` of
+the paused guest, ``savevm`` of the running guest, and QMP ``snapshot-save`` (a job). The
+truth for each is QEMU's own memory: ``pmemsave`` of the paused guest right before (the first
+and third), and, for every snapshot, ``pmemsave`` of a fresh QEMU after ``loadvm``. Disks of
+qcow2 v2 (``compat=0.10``) and of v3 with extended L2 entries and 16 KiB clusters. A snapshot
+converted by ramfs restores in QEMU with the disk reverted to it.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import qemu_images as qi
+from mountutil import mounted
+from ramfs.image import open_image
+from ramfs.image.qcow2 import snapshots_with_state
+
+MiB = 1 << 20
+RAM = 64 * MiB
+pytestmark = pytest.mark.qemu
+
+DISKS = {"v2": ["-o", "compat=0.10"], "v3-extl2-16k": ["-o", "compat=1.1,extended_l2=on,cluster_size=16k"]}
+
+
+def _args(disk: Path, blob: Path | None = None) -> qi.MachineArgs:
+    args = ["-accel", "kvm", "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64,kvmclock=off", "-m", "64M",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-drive", f"file={disk},if=none,id=d0,format=qcow2,node-name=n0", "-device", "virtio-blk-pci,drive=d0"]
+    if blob is not None:
+        args += ["-device", f"loader,file={blob},addr=0x1000000,force-raw=on"]
+    return qi.MachineArgs(tuple(args), RAM)
+
+
+@dataclass
+class Disk:
+    path: Path
+    paused: dict[str, Path]  # snapshot -> pmemsave of the paused guest just before it
+    loaded: dict[str, Path]  # snapshot -> pmemsave after loadvm in a fresh QEMU
+
+
+def _job_done(q, job: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = {j["id"]: j for j in q.qmp.execute("query-jobs")}
+        if jobs.get(job, {}).get("status") == "concluded":
+            assert "error" not in jobs[job], jobs[job].get("error")
+            q.qmp.execute("job-dismiss", {"id": job})
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{job} did not finish")
+
+
+@pytest.fixture(scope="module", params=sorted(DISKS))
+def disk(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"qcow2-{request.param}")
+    path = d / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *DISKS[request.param], str(path), "64M"], check=True)
+    blob = d / "blob.bin"
+    blob.write_bytes(random.Random(7).randbytes(MiB))
+    paused, loaded = {}, {}
+    with qi._scratch_dir() as scratch, qi._start(_args(path, blob), scratch, "g") as q:
+        time.sleep(0.5)
+        q.qmp.execute("stop")
+        paused["paused"] = q.pmemsave(RAM, d / "paused.bin")
+        assert "Error" not in q.qmp.hmp("savevm paused")
+        q.qmp.execute("cont")
+        time.sleep(0.3)
+        assert "Error" not in q.qmp.hmp("savevm running")  # the guest runs until QEMU stops it
+        time.sleep(0.2)
+        q.qmp.execute("stop")
+        paused["job"] = q.pmemsave(RAM, d / "job-paused.bin")
+        q.qmp.execute("snapshot-save", {"job-id": "save", "tag": "job", "vmstate": "n0", "devices": ["n0"]})
+        _job_done(q, "save")
+    for name in ("paused", "running", "job"):
+        fresh = qi.MachineArgs(_args(path).args + ("-S",), RAM)  # paused: loadvm keeps it so
+        with qi._scratch_dir() as scratch, qi._start(fresh, scratch, "l") as q:
+            out = q.qmp.hmp(f"loadvm {name}")
+            assert "Error" not in out, out
+            loaded[name] = q.pmemsave(RAM, d / f"{name}-loaded.bin")
+    return Disk(path, paused, loaded)
+
+
+def test_every_snapshot_reads_as_qemu_has_it(disk):
+    names = [s.name for s in snapshots_with_state(disk.path)]
+    assert names == ["paused", "running", "job"]
+    for name in names:
+        with open_image(disk.path, snapshot=name, use_cache=False) as img:
+            got = bytes(img.read("pc.ram", 0, RAM))
+        assert got == disk.loaded[name].read_bytes(), f"{name}: not what loadvm restores"
+        if name in disk.paused:
+            assert got == disk.paused[name].read_bytes(), f"{name}: not the memory it was taken of"
+
+
+def test_a_converted_snapshot_restores_with_its_disk(disk, tmp_path):
+    out = tmp_path / "running.save"
+    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "convert", "-q", "--snapshot", "running", str(disk.path),
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    copy = tmp_path / "disk.qcow2"
+    shutil.copy(disk.path, copy)
+    subprocess.run(["qemu-img", "snapshot", "-a", "running", str(copy)], check=True)
+    dump = tmp_path / "restored.bin"
+    qi.restore_and_dump(out, _args(copy), capabilities=("mapped-ram",), out_path=dump)
+    assert dump.read_bytes() == disk.loaded["running"].read_bytes()
+
+
+def test_a_mount_shows_the_snapshots(disk, tmp_path):
+    with mounted(disk.path, tmp_path / "one"):
+        assert sorted(p.name for p in (tmp_path / "one" / "snapshots").iterdir()) == ["job", "paused", "running"]
+        assert (tmp_path / "one" / "snapshots" / "job" / "ram" / "pc.ram").read_bytes() == disk.loaded["job"].read_bytes()
+    saves = tmp_path / "saves"
+    saves.mkdir()
+    shutil.copy(disk.path, saves / "vm.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(saves / "plain.qcow2"), "16M"], check=True)
+    with mounted(saves, tmp_path / "dir"):
+        # A disk without VM state is not an image; one with snapshots shows them.
+        assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["convert", "vm.qcow2"]
+        pc = tmp_path / "dir" / "vm.qcow2" / "snapshots" / "paused" / "ram" / "pc.ram"
+        assert pc.read_bytes() == disk.paused["paused"].read_bytes()
+
+
+def test_a_disk_without_a_snapshot_name_says_what_to_do(disk):
+    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "info", str(disk.path)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "qcow2 disk" in r.stderr and "--snapshot" in r.stderr and "paused, running, job" in r.stderr
