@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ramfs-installed
 
-.PHONY: all deps deps-test venv test demo clean
+.PHONY: all deps deps-test venv lint test demo clean
 
 all: test
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 	@bash scripts/link-entry.sh $(VENV)/bin/ramfs
+
+# ruff (pyproject.toml [tool.ruff]) and mypy: every function of ramfs typed, ramfs/format
+# and ramfs/image strictly (pyproject.toml [tool.mypy]). deps: the venv builds pyfuse3.
+lint: deps venv
+	$(PY) -m ruff check ramfs tests scripts bench mount.py
+	$(PY) -m mypy ramfs
 
 test: deps-test venv
 	$(PY) -m pytest -q

@@ -129,7 +129,8 @@ def seq_reads(ctx: Ctx) -> None:
                                     n = ctx.warm_runs if rng == "dense" and not direct else 1
                                     warms = [dd(paths[system], bs=bs, offset=off, count=count,
                                                 direct=iflag_direct)["gbps"] for _ in range(n)]
-                                    got = samples.setdefault((system, bs, rng), {"cold": [], "warm": [], "bytes": count})
+                                    got = samples.setdefault((system, bs, rng),
+                                                             {"cold": [], "warm": [], "bytes": count})
                                     got["cold"].append(cold["gbps"])
                                     got["warm"].append(median(warms))
                     finally:
@@ -213,11 +214,13 @@ def random_page_reads(ctx: Ctx) -> None:
                             for r in range(RANDOM_ROUNDS):
                                 for system in (("ramfs", "passthrough") if r % 2 == 0 else ("passthrough", "ramfs")):
                                     path, lo, hi = where[system]
-                                    got = random_reads(path, lo, hi, limit=RANDOM_SECONDS / RANDOM_ROUNDS, seed=r + 1)
+                                    got = random_reads(path, lo, hi, limit=RANDOM_SECONDS / RANDOM_ROUNDS,
+                                                       seed=r + 1)
                                     tally[system][0] += got["reads"]
                                     tally[system][1] += got["seconds"]
                             a = {"reads": tally["ramfs"][0], "per_s": tally["ramfs"][0] / tally["ramfs"][1]}
-                            b = {"reads": tally["passthrough"][0], "per_s": tally["passthrough"][0] / tally["passthrough"][1]}
+                            b = {"reads": tally["passthrough"][0],
+                                 "per_s": tally["passthrough"][0] / tally["passthrough"][1]}
                             row = {"image": f"{imgs.recipe.ram_gib} GiB {kind}", "kind": kind, "mode": mode,
                                    "range": rng, "ramfs": a["per_s"], "passthrough": b["per_s"],
                                    "ratio": a["per_s"] / b["per_s"], "reads": a["reads"]}
@@ -339,7 +342,8 @@ def conversion(ctx: Ctx) -> None:
                 drop_caches()
                 r = ramfs_convert(ctx, imgs.lv_raw, w / "out.img")
                 (w / "out.img").unlink()
-                rows.append({"image": f"{n} GiB libvirt raw", "guest": n, "size": lsize, "method": "ramfs convert --jobs 1",
+                rows.append({"image": f"{n} GiB libvirt raw", "guest": n, "size": lsize,
+                             "method": "ramfs convert --jobs 1",
                              "seconds": r["seconds"], "gbps": lsize / r["seconds"] / 1e9, "maxrss": r["maxrss"],
                              "note": "libvirt format 0 -> format 6"})
             drop_caches()
@@ -422,9 +426,11 @@ def open_times(ctx: Ctx) -> None:
         drop_caches()
         cold = _open(ctx, sp, w / "c0", use_cache=True)
         warm_ = _open(ctx, sp, w / "c0", use_cache=True)
-        rows.append({"image": f"{gen.SPARSE_GIB} GiB sparse mapped-ram", "what": "open (cold)", "size": sp.stat().st_size,
+        rows.append({"image": f"{gen.SPARSE_GIB} GiB sparse mapped-ram", "what": "open (cold)",
+                     "size": sp.stat().st_size,
                      "seconds": cold["seconds"], "maxrss": cold["maxrss"]})
-        rows.append({"image": f"{gen.SPARSE_GIB} GiB sparse mapped-ram", "what": "open (warm)", "size": sp.stat().st_size,
+        rows.append({"image": f"{gen.SPARSE_GIB} GiB sparse mapped-ram", "what": "open (warm)",
+                     "size": sp.stat().st_size,
                      "seconds": warm_["seconds"], "maxrss": warm_["maxrss"]})
         drop_caches()
         m = ramfs_mount(sp, w / "mp", env=dict(ctx.env, RAMFS_CACHE_DIR=str(w / "c0")))

@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from qemu_images import QemuProcess, qemu_binary, qemu_version
+from qemu_images import QemuProcess, qemu_binary, qemu_version  # noqa: E402 (after sys.path is set)
 
 GEN_VERSION = 1
 PAGE = 4096

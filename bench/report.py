@@ -305,7 +305,8 @@ def render(res: dict) -> str:
         rows.append([f"{n} GiB", f"{mix['random_pct']} / {mix['pattern_pct']} / {mix['zero_pct']}",
                      f"{fmt_bytes(f['seq.img']['size'])}",
                      f"{fmt_bytes(f['mapped.img']['size'])} ({fmt_bytes(f['mapped.img']['allocated'])} allocated)",
-                     info.get("accelerator", "?"), f"{info['build_seconds']:.0f} s" + (" (this run)" if info.get("built_now") else " (cached)"),
+                     info.get("accelerator", "?"),
+                     f"{info['build_seconds']:.0f} s" + (" (this run)" if info.get("built_now") else " (cached)"),
                      "yes: restored by QEMU, pmemsave sha1 equal" if info.get("verified") else "-"])
     s.append(_table(["guest RAM", "random / pattern / zero %", "seq.img", "mapped.img", "accel",
                      "generation", "mapped-ram restore checked"], rows))
@@ -320,8 +321,8 @@ def render(res: dict) -> str:
     if sr:
         s.append("## Sequential reads of ram/pc.ram\n")
         s.append("`dd of=/dev/null` of `ram/pc.ram` through ramfs, against the passthrough serving the image file "
-                 "and `dd` of the image file itself. *dense*: a range of pc.ram where every page holds data (1 GiB, or the guest's "
-                 "dense run if smaller) "
+                 "and `dd` of the image file itself. *dense*: a range of pc.ram where every page holds data "
+                 "(1 GiB, or the guest's dense run if smaller) "
                  "(the passthrough and dd read the same number of bytes where the image stores that range); "
                  "*whole*: all of pc.ram (half of it zero pages) against the whole image file (the mapped-ram "
                  "file has holes where pc.ram has zeros; the sequential file has no zeros at all). GB/s of bytes "
@@ -357,8 +358,9 @@ def render(res: dict) -> str:
     if rr:
         s.append("## Random 4 KiB page reads\n")
         s.append("One process doing `pread(4096)` at random page-aligned offsets (the same sequence for both), "
-                 + (f"{method['random_rounds']} rounds of up to {method['random_seconds'] / method['random_rounds']:.0f} s "
-                    f"each, ramfs and the passthrough alternating which goes first, new offsets every round; "
+                 + (f"{method['random_rounds']} rounds of up to "
+                    f"{method['random_seconds'] / method['random_rounds']:.0f} s each, "
+                    "ramfs and the passthrough alternating which goes first, new offsets every round; "
                     if method.get("random_rounds") else "up to 40000 reads or 3 s; ")
                  + "the image file warm in the host page cache. *dense*: within the "
                  "dense range (every page holds data) and, for the passthrough, within the file range storing it; "

@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import benchmarks, gen, report
-from bench.util import GIB, log
+from bench import benchmarks, gen, report  # noqa: E402 (after sys.path is set)
+from bench.util import GIB, log  # noqa: E402 (after sys.path is set)
 
 SECTIONS = {
     "seq_reads": benchmarks.seq_reads,

@@ -234,7 +234,8 @@ def passthrough_mount(file, rwdir, mp: Path, *, writeback=False, direct_io=False
 
 RANDOM_READER = r"""
 import os, random, sys, time
-path, lo, hi, n, limit, advice, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
+path, lo, hi, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+limit, advice, seed = float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
 fd = os.open(path, os.O_RDONLY)
 if advice == "random":
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -255,7 +256,8 @@ print(done, time.perf_counter() - t0)
 
 DIRECT_PAGE_READER = r"""
 import mmap, os, random, sys, time
-path, lo, pages, stride, n, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+path, lo, pages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+stride, n, limit = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
 buf = memoryview(mmap.mmap(-1, 1 << 16))
 rng = random.Random(1)

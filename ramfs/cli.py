@@ -8,13 +8,15 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from ramfs import __version__
 from ramfs.errors import RamfsError
 
 if TYPE_CHECKING:
+    from ramfs.image.phys import Placement
     from ramfs.progress import Progress
 
 EXIT_OK = 0
@@ -41,6 +43,11 @@ def _utf8(text: str) -> str:
 # are shtab.FILE and shtab.DIRECTORY, spelled out so that building the parser never imports it).
 COMPLETE_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
 COMPLETE_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
+
+
+def _complete(action: argparse.Action, what: dict[str, str]) -> None:
+    """How shtab completes the argument (it reads ``action.complete``)."""
+    action.complete = what  # type: ignore[attr-defined]  # shtab's addition to argparse.Action
 
 
 def _show(text: str) -> str:
@@ -70,7 +77,7 @@ def _show(text: str) -> str:
     return "".join(out)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
@@ -78,14 +85,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _scan_bar(quiet: bool = False):
+def _scan_bar(quiet: bool = False) -> Progress:
     """A progress bar for opening an image (index build, decompression) on a terminal."""
     from ramfs.progress import Progress
 
     return Progress(None, "scanning", enabled=False if quiet else None)
 
 
-def _facts(path: str, quiet: bool = False, placement=None, snapshot: str | None = None) -> dict:
+def _facts(path: str, quiet: bool = False, placement: Placement | None = None,
+           snapshot: str | None = None) -> dict[str, Any]:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
@@ -97,7 +105,7 @@ def _facts(path: str, quiet: bool = False, placement=None, snapshot: str | None 
         bar.done()
 
 
-def cmd_info(args) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
     if args.jsonl:
         # One line per image, errors included, so that a loop over a directory of saves can
         # be piped to jq without stopping at the first bad one.
@@ -130,7 +138,7 @@ def cmd_info(args) -> int:
     return status
 
 
-def _print_info(facts: dict) -> None:
+def _print_info(facts: dict[str, Any]) -> None:
     lv = facts["libvirt"]
     rows = [
         ("image", facts["path"]),
@@ -163,7 +171,7 @@ def _print_info(facts: dict) -> None:
         print(f"warning: {_show(wmsg)}")
 
 
-def cmd_ls(args) -> int:
+def cmd_ls(args: argparse.Namespace) -> int:
     """The RAM blocks, one line each like ``ls -l``: size, the bytes that hold data (the
     rest reads as zeros), and the block's idstr (``ram/`` of a mount shows them as files)."""
     facts = _facts(args.image, args.quiet, snapshot=args.snapshot)
@@ -208,7 +216,7 @@ def _versions() -> str:
             f"Python {platform.python_version()} ({sys.executable})")
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from ramfs.image.describe import check
 
     warnings: list[str] = []
@@ -223,20 +231,21 @@ def cmd_check(args) -> int:
     return EXIT_PROBLEMS
 
 
-def _placement(args, own: dict | None = None):
+def _placement(args: argparse.Namespace, own: dict[str, str | bool] | None = None) -> Placement:
     """--below-4g, --numa and --device (or their -o forms) as a Placement."""
     from ramfs.image.phys import Placement
 
     own = own or {}
-    below = own.get("below_4g", getattr(args, "below_4g", None))
+    below = _value(own, "below_4g") or getattr(args, "below_4g", None)
     devices = list(getattr(args, "device", None) or [])
-    if own.get("device"):
-        devices.append(own["device"])
-    return Placement.parse(_parse_size(below) if below else None, own.get("numa", getattr(args, "numa", None)),
-                           devices)
+    device = _value(own, "device")
+    if device:
+        devices.append(device)
+    return Placement.parse(_parse_size(below) if below else None,
+                           _value(own, "numa") or getattr(args, "numa", None), devices)
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from ramfs.convert import convert_file
     from ramfs.progress import Progress
 
@@ -286,7 +295,8 @@ def _new_file(out: str, bar: Progress) -> Iterator[BinaryIO]:
         bar.done()
 
 
-def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: bool) -> None:
+def _write_sparse_view(size: int, read: Callable[[int, int], bytes], has_data: Callable[[int, int], bool] | None,
+                       out: str, label: str, quiet: bool) -> None:
     """Write a virtual file to ``out`` (new), skipping ranges that read as zeros (holes)."""
     from ramfs.progress import Progress
 
@@ -302,7 +312,7 @@ def _write_sparse_view(size: int, read, has_data, out: str, label: str, quiet: b
         f.truncate(size)
 
 
-def _write_phys_view(args, as_core: bool) -> int:
+def _write_phys_view(args: argparse.Namespace, as_core: bool) -> int:
     from ramfs.image import open_image
     from ramfs.views.elfcore import ElfCore, cpus_of
     from ramfs.views.phys import PhysView
@@ -329,7 +339,7 @@ def _write_phys_view(args, as_core: bool) -> int:
 EXPORT_FORMATS = {"raw": None, "gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "lzop": "lzop", "zstd": "zstd"}
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     """The image as a classic sequential save image, optionally compressed like libvirt."""
     import shutil
     import subprocess
@@ -364,6 +374,7 @@ def cmd_export(args) -> int:
             if prefix:
                 head = ex.read(0, prefix)
                 if program is not None:
+                    assert img.libvirt is not None  # a compressor for a bare stream was refused above
                     h = img.libvirt.header
                     head = encode.libvirt_header(h, head, format=fmt, complete=True) + head[92:]
                 f.write(head)
@@ -376,6 +387,7 @@ def cmd_export(args) -> int:
                 # As libvirt does: the header and XML as they are, the stream piped through
                 # the compressor (`gzip -c` ...) into the same file after them.
                 proc = subprocess.Popen([program, "-c"], stdin=subprocess.PIPE, stdout=f)
+                assert proc.stdin is not None  # stdin=PIPE
                 try:
                     for off in range(prefix, ex.size, chunk):
                         proc.stdin.write(ex.read(off, chunk))
@@ -391,11 +403,11 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_phys(args) -> int:
+def cmd_phys(args: argparse.Namespace) -> int:
     return _write_phys_view(args, as_core=False)
 
 
-def cmd_core(args) -> int:
+def cmd_core(args: argparse.Namespace) -> int:
     return _write_phys_view(args, as_core=True)
 
 
@@ -409,6 +421,16 @@ RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "numa": "numa
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "rw"}
 
 
+# ramfs's -o options that take a value (the others are flags).
+VALUE_OPTIONS = {"below_4g", "numa", "device", "jobs", "log", "run_as"}
+
+
+def _value(own: dict[str, str | bool], key: str) -> str | None:
+    """A value option of ``split_mount_options`` (checked there to be a string)."""
+    v = own.get(key)
+    return v if isinstance(v, str) else None
+
+
 def split_mount_options(groups: list[str] | None) -> tuple[list[str], dict[str, str | bool]]:
     """``-o`` groups -> (options for FUSE, ramfs settings). ``x-*`` and ``comment=`` options
     (systemd's and fstab's) are dropped like the others mount(8) does not pass to FUSE."""
@@ -419,6 +441,8 @@ def split_mount_options(groups: list[str] | None) -> tuple[list[str], dict[str, 
             key, eq, value = opt.partition("=")
             if not opt or opt in IGNORED_OPTIONS or key.startswith("x-") or key == "comment":
                 continue
+            if key in VALUE_OPTIONS and not (eq and value):
+                raise RamfsError(f"-o {key} needs a value: {key}=...")
             if key == "device" and "device" in own:
                 own["device"] = f"{own['device']}:{value}"  # repeatable, like --device
             elif key in RAMFS_OPTIONS:
@@ -428,7 +452,7 @@ def split_mount_options(groups: list[str] | None) -> tuple[list[str], dict[str, 
     return fuse, own
 
 
-def cmd_mount(args) -> int:
+def cmd_mount(args: argparse.Namespace) -> int:
     from ramfs.fs.daemon import mount
 
     fuse_opts, own = split_mount_options(args.o)
@@ -441,34 +465,34 @@ def cmd_mount(args) -> int:
                  debug=args.debug or bool(own.get("debug")), options=fuse_opts,
                  allow_other=args.allow_other or bool(own.get("allow_other")),
                  direct_io=args.direct_io or bool(own.get("direct_io")),
-                 log_file=own.get("log") or args.log, jobs=jobs,
+                 log_file=_value(own, "log") or args.log, jobs=jobs,
                  placement=placement, systemd=args.systemd,
-                 user=own.get("user") or args.user, quiet=args.quiet)
+                 user=_value(own, "user") or args.user, quiet=args.quiet)
 
 
-def cmd_completion(args) -> int:
+def cmd_completion(args: argparse.Namespace) -> int:
     import shtab
 
     sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
     return EXIT_OK
 
 
-def cmd_manpage(args) -> int:
+def cmd_manpage(args: argparse.Namespace) -> int:
     from ramfs.manpage import render
 
     sys.stdout.write(render(build_parser(), args.date))
     return EXIT_OK
 
 
-def cmd_umount(args) -> int:
+def cmd_umount(args: argparse.Namespace) -> int:
     from ramfs.fs.daemon import umount
 
     return umount(args.mountpoint, timeout=args.timeout)
 
 
 def add_mount_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("source", metavar="IMAGE|DIR", help="a save image, or a directory of them").complete = COMPLETE_FILE
-    s.add_argument("mountpoint").complete = COMPLETE_DIR
+    _complete(s.add_argument("source", metavar="IMAGE|DIR", help="a save image, or a directory of them"), COMPLETE_FILE)
+    _complete(s.add_argument("mountpoint"), COMPLETE_DIR)
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("--debug", action="store_true", help="log every FUSE request (implies nothing else)")
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
@@ -538,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  ramfs info --json vm.save | jq '.blocks[] | {idstr, populated_bytes}'\n"
                        "  ramfs info --jsonl /var/lib/libvirt/qemu/save/*.save | jq -r 'select(.error) | .path'",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image", nargs="+").complete = COMPLETE_FILE
+    _complete(s.add_argument("image", nargs="+"), COMPLETE_FILE)
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the facts as JSON (docs/info-json.md, "
                      "schema docs/info.schema.json), one document per image")
@@ -552,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
                        epilog="examples:\n  ramfs ls vm.save\n  ramfs ls --bytes vm.save | sort -k2 -n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image").complete = COMPLETE_FILE
+    _complete(s.add_argument("image"), COMPLETE_FILE)
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     add_snapshot_argument(s)
@@ -562,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  ramfs check vm.save\n"
                        "  for f in /var/lib/libvirt/qemu/save/*.save; do ramfs check \"$f\"; done",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image").complete = COMPLETE_FILE
+    _complete(s.add_argument("image"), COMPLETE_FILE)
     add_placement_arguments(s)
     add_snapshot_argument(s)
     s.set_defaults(func=cmd_check)
@@ -574,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  ramfs convert --jobs 4 --direct-io /var/lib/libvirt/qemu/save/vm.save /srv/vm.save\n"
                        "  virsh restore vm-sparse.save --parallel-channels 4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("src").complete = COMPLETE_FILE
-    s.add_argument("dst").complete = COMPLETE_FILE
+    _complete(s.add_argument("src"), COMPLETE_FILE)
+    _complete(s.add_argument("dst"), COMPLETE_FILE)
     s.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel page writers (default 1)")
     s.add_argument("--direct-io", action="store_true",
                    help="write page data with O_DIRECT, keeping it out of the page cache")
@@ -590,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  ramfs export vm-sparse.save vm-classic.save\n"
                        "  ramfs export --format zstd vm-sparse.save vm.save.zst && virsh restore vm.save.zst",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("image").complete = COMPLETE_FILE
-    s.add_argument("out").complete = COMPLETE_FILE
+    _complete(s.add_argument("image"), COMPLETE_FILE)
+    _complete(s.add_argument("out"), COMPLETE_FILE)
     s.add_argument("--format", choices=list(EXPORT_FORMATS), default="raw",
                    help="compress the stream like libvirt (needs a libvirt image; default raw)")
     s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
@@ -604,8 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(a new file), for tools such as Volatility 3, crash and gdb.",
                            epilog=f"example:\n  ramfs {name} vm.save {'vm.mem' if name == 'phys' else 'vm.elf'}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        s.add_argument("image").complete = COMPLETE_FILE
-        s.add_argument("out").complete = COMPLETE_FILE
+        _complete(s.add_argument("image"), COMPLETE_FILE)
+        _complete(s.add_argument("out"), COMPLETE_FILE)
         s.add_argument("--below-4g", metavar="SIZE", help="override the RAM split (max-ram-below-4g)")
         add_placement_arguments(s)
         s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
@@ -635,14 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "any conversion into convert/ has finished or been cleaned up).",
                        epilog="examples:\n  ramfs umount /mnt/vm\n  ramfs umount --timeout 600 /mnt/saves",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("mountpoint").complete = COMPLETE_DIR
+    _complete(s.add_argument("mountpoint"), COMPLETE_DIR)
     s.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for open files to close before stopping the daemon")
     s.set_defaults(func=cmd_umount)
     return p
 
 
-def _exit_on_signal(signum, frame):
+def _exit_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
     # SIGTERM/SIGHUP (timeout, systemd): remove our temporaries and leave at once. Raising
     # instead could land inside a blocking call or a lock and never finish unwinding.
     from ramfs import tempfiles
@@ -655,7 +679,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no API
+    group = parser._subparsers  # noqa: SLF001 - argparse has no API
+    assert group is not None  # build_parser adds the commands
+    commands = group._group_actions[0].choices  # noqa: SLF001
+    assert commands is not None  # the sub-parsers, by name
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         # mount.fuse3 (mount -t fuse.ramfs, fstab) runs "ramfs SOURCE MOUNTPOINT -o OPTS".
         argv = ["mount", *argv]
@@ -665,8 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is not cmd_mount:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _exit_on_signal)
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return func(args)
     except RamfsError as e:
         print(f"ramfs: error: {_show(str(e))}", file=sys.stderr)
         return EXIT_ERROR

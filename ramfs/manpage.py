@@ -34,6 +34,13 @@ def _usage(parser: argparse.ArgumentParser) -> str:
     return " ".join(parser.format_usage().split()[1:])
 
 
+def _metavar(a: argparse.Action, default: str) -> str:
+    """An option's metavar as --help shows it (a tuple: its names, space-separated)."""
+    if not a.metavar:
+        return default
+    return a.metavar if isinstance(a.metavar, str) else " ".join(a.metavar)
+
+
 def _options(parser: argparse.ArgumentParser) -> list[str]:
     out = []
     for a in parser._actions:  # noqa: SLF001 - argparse has no public API for this
@@ -42,9 +49,9 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
         if a.option_strings:
             names = ", ".join(f"\\fB{_roff(o)}\\fR" for o in a.option_strings)
             if a.nargs != 0:
-                names += f" \\fI{_roff(a.metavar or a.dest.upper())}\\fR"
+                names += f" \\fI{_roff(_metavar(a, a.dest.upper()))}\\fR"
         else:
-            names = f"\\fI{_roff(a.metavar or a.dest)}\\fR"
+            names = f"\\fI{_roff(_metavar(a, a.dest))}\\fR"
         out += [".TP", names, _roff(a.help or "")]
     return out
 

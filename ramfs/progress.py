@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int | None, label: str, *, enabled: bool | None = None, stream=None):
+    def __init__(self, total: int | None, label: str, *, enabled: bool | None = None,
+                 stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total = total

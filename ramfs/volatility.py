@@ -25,7 +25,8 @@ import logging
 import threading
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from volatility3.framework import exceptions, interfaces
 from volatility3.framework.configuration import requirements
@@ -33,6 +34,9 @@ from volatility3.framework.configuration import requirements
 from ramfs.errors import RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
+
+if TYPE_CHECKING:
+    from ramfs.views.phys import PhysView
 
 vollog = logging.getLogger(__name__)
 
@@ -50,12 +54,12 @@ class SaveImageLayer(interfaces.layers.DataLayerInterface):
         self._path = self.config["location"]
         self._base = self.config["base_layer"]
         self._lock = threading.Lock()
-        self._view = None
+        self._view: PhysView | None = None
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._open()  # fail now, not on the first read
 
-    def _open(self):
+    def _open(self) -> PhysView:
         with self._lock:
             if self._view is None:
                 from ramfs.image import open_image
@@ -136,7 +140,8 @@ class SaveImageStacker(interfaces.automagic.StackerLayerInterface):
 
     @classmethod
     def stack(cls, context: interfaces.context.ContextInterface, layer_name: str,
-              progress_callback=None) -> interfaces.layers.DataLayerInterface | None:
+              progress_callback: Callable[[float, str], None] | None = None
+              ) -> interfaces.layers.DataLayerInterface | None:
         base = context.layers[layer_name]
         location = base.config.get("location") if hasattr(base, "config") else None
         if not isinstance(location, str) or not location.startswith("file:"):

@@ -357,7 +357,7 @@ def main() -> int:
         print()
         print("Volatility 3 linux.pslist.PsList (PID, PPID, COMM):")
         reference = lists.get(views[0][0])
-        for name, path, _ in views:
+        for name, _path, _ in views:
             tasks = lists.get(name)
             if tasks is None:
                 state = "FAILED"

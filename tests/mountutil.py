@@ -53,7 +53,7 @@ def mounted(source: Path, mp: Path, *extra: str, env: dict | None = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise AssertionError(f"ramfs daemon did not exit after unmount:\n{log.read_text()}")
+            raise AssertionError(f"ramfs daemon did not exit after unmount:\n{log.read_text()}") from None
         text = log.read_text()
         assert "Traceback" not in text, text
         assert proc.returncode == 0, (proc.returncode, text)

@@ -93,6 +93,13 @@ def test_fstab_line_and_fusermount3(entry_point, tmp_path):
     wait_gone(mp)
 
 
+@pytest.mark.parametrize("opt", ["below_4g", "numa", "device", "jobs", "log", "run_as", "log="])
+def test_value_options_without_a_value_are_refused(opt):
+    from ramfs.errors import RamfsError
+    with pytest.raises(RamfsError, match="needs a value"):
+        split_mount_options([f"ro,{opt}"])
+
+
 def test_mount_options_are_split_between_ramfs_and_fuse():
     fuse, own = split_mount_options(["ro,dev,suid,direct_io,below_4g=2G", "noauto,nofail,x-systemd.automount",
                                      "comment=x,jobs=4,allow_other,defaults,rw,max_read=131072"])

@@ -241,7 +241,8 @@ def test_gdb_reads_registers_and_memory(guest):
         pytest.skip("gdb not installed")
     cpu = guest.cpus[0]
     gpa, banner = guest.banners[0]
-    p = subprocess.run(["gdb", "-nx", "-batch", "-ex", "set print elements 0", "-ex", "info registers", "-ex", "info registers fs_base gs_base",
+    p = subprocess.run(["gdb", "-nx", "-batch", "-ex", "set print elements 0", "-ex", "info registers",
+                        "-ex", "info registers fs_base gs_base",
                         "-ex", f"x/s {gpa:#x}", "-c", str(guest.core)],
                        capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, LC_ALL="C", DEBUGINFOD_URLS=""))

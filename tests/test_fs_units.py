@@ -75,8 +75,8 @@ def path_inode(tree, *names):
 def test_tree_layout_for_a_libvirt_image():
     t = tree_for("libvirt/fw-pc-sparse.img")
     try:
-        assert sorted(t.root.children) == [b"cookie.xml", b"cpus.json", b"devices.json", b"domain.xml", b"export", b"image.json",
-                                           b"maps", b"phys", b"ram"]
+        assert sorted(t.root.children) == [b"cookie.xml", b"cpus.json", b"devices.json", b"domain.xml", b"export",
+                                           b"image.json", b"maps", b"phys", b"ram"]
         tables = path_inode(t, b"ram", b"rom@etc", b"acpi", b"tables")
         assert tables.size == 0x20000 and tables.blocks == 3 * 4096 // 512
         m = path_inode(t, b"maps", b"pc.ram").data.decode().splitlines()  # a StaticFile

@@ -91,8 +91,10 @@ def _domain_xml(g: Guest, dimms: list[tuple[int, int, int]]) -> str:
     maxmem = f"<maxMemory slots='4' unit='KiB'>{(g.ram_mib + 2048) * 1024}</maxMemory>" if dimms else ""
     total = g.ram_mib + sum(m for _, m, _ in dimms)
     return (f"<domain type='kvm'><name>ramfs-test-{g.name}</name>{maxmem}<memory unit='KiB'>{total * 1024}</memory>"
-            f"<vcpu placement='static'>{len(g.nodes)}</vcpu><os><type arch='x86_64' machine='{g.machine}'>hvm</type></os>"
-            f"<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model><numa>{cells}</numa></cpu>"
+            f"<vcpu placement='static'>{len(g.nodes)}</vcpu>"
+            f"<os><type arch='x86_64' machine='{g.machine}'>hvm</type></os>"
+            f"<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model>"
+            f"<numa>{cells}</numa></cpu>"
             f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{mems}</devices></domain>\n")
 
 
@@ -150,7 +152,8 @@ def saved(request, tmp_path_factory):
     dump.unlink(missing_ok=True)  # as big as the guest's RAM
 
 
-def _assert_equals_qemu(s: Saved, image: Path, placement: Placement = Placement()) -> None:
+def _assert_equals_qemu(s: Saved, image: Path, placement: Placement | None = None) -> None:
+    placement = placement if placement is not None else Placement()
     with open(s.dump, "rb") as f:
         head = f.read(1 << 20)
     theirs = elf_loads(head)

@@ -116,7 +116,8 @@ def elf_loads(core: bytes) -> list[tuple[int, int, int]]:
     phnum, = struct.unpack_from("<H", core, 56)
     out = []
     for i in range(phnum):
-        p_type, _, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _ = struct.unpack_from("<IIQQQQQQ", core, phoff + 56 * i)
+        p_type, _, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _ = struct.unpack_from("<IIQQQQQQ", core,
+                                                                                           phoff + 56 * i)
         if p_type == 1:
             assert p_filesz == p_memsz and p_vaddr == p_paddr
             out.append((p_paddr, p_offset, p_filesz))
@@ -178,7 +179,8 @@ def test_cli_phys_and_core_write_the_same_views(tmp_path):
     with open_image(img) as opened:
         core = ElfCore(PhysView(opened, phys_map(opened)), cpus_of(opened))
         assert out_core.read_bytes() == core.read(0, core.size)
-    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "phys", str(img), str(out_phys)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "phys", str(img), str(out_phys)],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
     # --below-4g moves the split: with 32 MiB below, the rest of pc.ram appears at 4 GiB.
     moved = tmp_path / "moved"
@@ -267,7 +269,8 @@ def test_phys_and_core_equal_dump_guest_memory_across_the_split(machine, ram_mib
 def test_fragmented_guest_gets_a_core_with_whole_ranges_and_a_lazy_export(tmp_path):
     """A 16 GiB mapped-ram guest with a page in use every 16 (262144 populated ranges, as real
     guests have; kept from the fuzzer): core.elf has QEMU's layout (one PT_LOAD per RAM range,
-    zeros included), whatever the fragmentation; the export lays out its records without walking the runs, and both read right."""
+    zeros included), whatever the fragmentation; the export lays out its records without walking
+    the runs, and both read right."""
     import itertools
 
     from fuzz import harness

@@ -117,7 +117,8 @@ def test_a_converted_snapshot_restores_with_its_disk(disk, tmp_path):
 def test_a_mount_shows_the_snapshots(disk, tmp_path):
     with mounted(disk.path, tmp_path / "one"):
         assert sorted(p.name for p in (tmp_path / "one" / "snapshots").iterdir()) == ["job", "paused", "running"]
-        assert (tmp_path / "one" / "snapshots" / "job" / "ram" / "pc.ram").read_bytes() == disk.loaded["job"].read_bytes()
+        pc_ram = tmp_path / "one" / "snapshots" / "job" / "ram" / "pc.ram"
+        assert pc_ram.read_bytes() == disk.loaded["job"].read_bytes()
     saves = tmp_path / "saves"
     saves.mkdir()
     shutil.copy(disk.path, saves / "vm.qcow2")

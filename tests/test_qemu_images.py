@@ -176,7 +176,7 @@ def test_concurrent_builds_share_one_build(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(2)]
     results = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (out, err) in zip(procs, results):
+    for proc, (_out, err) in zip(procs, results):
         assert proc.returncode == 0, err
     directories = {out.strip() for out, _ in results}
     assert len(directories) == 1

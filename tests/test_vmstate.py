@@ -603,7 +603,8 @@ def test_bad_vmdesc_json_shapes():
         {"devices": [{"name": "timer", "instance_id": 0, "fields": 5}]},
         {"devices": [{"name": "timer", "instance_id": 0, "fields": [{"name": "x", "type": "int64", "size": "8"}]}]},
         {"devices": [{"name": "timer", "instance_id": 0, "fields": [{"name": "x", "type": "int64", "size": True}]}]},
-        {"devices": [{"name": "timer", "instance_id": 0, "fields": [{"name": "x", "type": "struct", "size": 8, "struct": []}]}]},
+        {"devices": [{"name": "timer", "instance_id": 0,
+                      "fields": [{"name": "x", "type": "struct", "size": 8, "struct": []}]}]},
         {"devices": [{"name": "timer", "instance_id": 0, "fields": [{"name": "x", "type": "int64", "size": -8}]}]},
         {"devices": [{"name": "timer", "instance_id": 0, "fields": [], "subsections": [7]}]},
     ]
@@ -747,7 +748,8 @@ def test_synthetic_stream(footers):
     assert arr.array_len == 5000 and arr.size == 10000 and arr.children == ()  # past the child limit
     assert arr.value == tuple(range(5000)) and len(arr.raw) == 4096
     pts = a.field("pts")
-    assert [(p.get("x").value, p.get("y").value, p.index) for p in pts.children] == [(0, 0, 0), (1, 1000, 1), (2, 2000, 2)]
+    assert [(p.get("x").value, p.get("y").value, p.index) for p in pts.children] == [
+        (0, 0, 0), (1, 1000, 1), (2, 2000, 2)]
     assert pts[2].offset == pts.offset + 12 and pts[2].vmsd_name == "pt"
     tmp = a.field("tmp")
     assert tmp.vmsd_name == "dev-a-tmp" and [c.value for c in tmp.children] == [7, 0x0102]

@@ -3,4 +3,6 @@
 Imports ``ramfs.format`` and ``ramfs.image`` (to verify results); nothing here knows FUSE.
 """
 
-from ramfs.convert.core import ConvertResult, convert_file, convert_stream  # noqa: F401
+from ramfs.convert.core import ConvertResult, convert_file, convert_stream
+
+__all__ = ["ConvertResult", "convert_file", "convert_stream"]

@@ -18,7 +18,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, UnsupportedError
 from ramfs.format import encode
@@ -32,12 +32,28 @@ from ramfs.publish import NewFile, reopen_direct
 from ramfs.convert.writer import BlockLayout, MappedRamWriter, plan_blocks
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
     from ramfs.image.decompress import Decompressor
+    from ramfs.image.qcow2 import VmstateSource
 
 COPY_CHUNK = 1 << 20
 _ZERO_BLOCK = bytes(4096)
 
 Progress = Callable[[int], None]  # bytes of input consumed so far
+
+
+class SeekableInput(Protocol):
+    """A ``read_at`` source over the same bytes as the input stream: the regular file (a
+    :class:`~ramfs.image.files.FileSource`) or a qcow2 snapshot's VM state."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def fd(self) -> int: ...
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ class _Input:
         self.pos = 0
         self.progress = progress
         self._pending = b""
-        self.seekable = None  # a read_at source over the same bytes, when the input is a file
+        self.seekable: SeekableInput | None = None  # over the same bytes, when the input is a file
 
     def read(self, n: int) -> bytes:
         if self._pending:
@@ -97,14 +113,15 @@ class _FileLike(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
-        data = self.src.read(len(b))
-        b[: len(data)] = data
+    def readinto(self, b: WriteableBuffer) -> int:
+        view = memoryview(b)
+        data = self.src.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
 
 def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, direct_fd: int | None = None,
-                   progress: Progress | None = None, seekable=None,
+                   progress: Progress | None = None, seekable: SeekableInput | None = None,
                    padding: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Convert the image whose bytes ``read`` returns into the empty file ``fd``.
 
@@ -131,7 +148,8 @@ def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, dire
     raise NotAnImageError("not a save image (neither a libvirt header nor a QEMU stream)")
 
 
-def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0, padding=None) -> ConvertResult:
+def _convert_libvirt(src: _Input, raw_header: bytes, fd: int, jobs: int, direct_fd: int | None, t0: float,
+                     padding: Callable[[int, int], None] | None = None) -> ConvertResult:
     if raw_header[:16] == QEMU_SAVE_PARTIAL:
         raise FormatError("incomplete save image: libvirt never finished writing it (magic LibvirtQemudPart)", 0)
     h = parse_header(raw_header)
@@ -147,7 +165,7 @@ def _convert_libvirt(src: _Input, raw_header: bytes, fd, jobs, direct_fd, t0, pa
     # Part magic until the image is complete, as libvirt's virQEMUSaveDataWrite does.
     _pwrite_all(fd, encode.libvirt_header(h, raw_header, format=SaveFormat.SPARSE, complete=False)
                 + data_area, 0)
-    stream = src
+    stream: _Input | Decompressor = src
     dec = None
     if fmt.compressed:
         from ramfs.image.decompress import Decompressor
@@ -187,6 +205,7 @@ def _convert_qemu(stream: _Input | Decompressor, fd: int, base: int, lv_header: 
             return ConvertResult(container, source_format, True, 0, 0, size, time.monotonic() - t0)
     # The writer is the parser's record sink: pages go straight from the stream to their slots.
     writer = MappedRamWriter(fd, functools.partial(_start_output, fd, base), jobs=jobs, direct_fd=direct_fd)
+    tail: bytes | bytearray | None
     try:
         if seekable is not None:
             reporting = _Reporting(seekable, progress, drop_cache=direct_fd is not None)
@@ -248,7 +267,7 @@ class _Reporting:
 
     DROP_EVERY = 32 << 20
 
-    def __init__(self, source, progress: Progress | None, drop_cache: bool = False):
+    def __init__(self, source: SeekableInput, progress: Progress | None, drop_cache: bool = False):
         self.source = source
         self.size = source.size
         self.progress = progress
@@ -305,7 +324,8 @@ def _peek_caps(first: bytes) -> tuple[str, ...] | None:
     return conf.capabilities if conf else ()
 
 
-def _write_stream_tail(fd: int, base: int, layout, src: StreamLayout, tail: bytes | None) -> int:
+def _write_stream_tail(fd: int, base: int, layout: list[BlockLayout], src: StreamLayout,
+                       tail: bytes | bytearray | None) -> int:
     """After the last region: close the RAM START, one PART and the END (each just EOS, as
     QEMU writes them under mapped-ram), SWITCHOVER_START if the source had it, then the
     device state verbatim with the VM description updated. Returns the file size."""
@@ -331,7 +351,7 @@ def _write_stream_tail(fd: int, base: int, layout, src: StreamLayout, tail: byte
     return pos + len(out)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     try:
         while len(view):
@@ -370,7 +390,7 @@ def _copy_sparse(src: _Input, fd: int, offset: int) -> int:
 class _SourceReader:
     """``read(n)`` in order over a ``read_at`` source (a qcow2 snapshot's VM state)."""
 
-    def __init__(self, source: Any):
+    def __init__(self, source: VmstateSource):
         self._source = source
         self._pos = 0
 
@@ -397,7 +417,7 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):  # before opening the source; NewFile checks again
         raise RamfsError(f"{dst} already exists")
-    fin: Any
+    fin: _SourceReader | io.FileIO
     if snapshot is not None:
         from ramfs.image.qcow2 import VmstateSource
         vmstate = VmstateSource(FileSource(src), snapshot)
@@ -425,6 +445,7 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
             result = convert_stream(fin.read, new.fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
                                     progress=progress, seekable=vmstate)
         else:
+            assert isinstance(fin, io.FileIO)  # opened above: there is no snapshot
             with FileSource(src, fd=os.dup(fin.fileno())) as seekable:
                 result = convert_stream(fin.read, new.fd, jobs=jobs, direct_fd=direct_fd if direct_io else None,
                                         progress=progress,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ramfs.errors import FormatError
 from ramfs.image import open_image
 
+if TYPE_CHECKING:
+    from ramfs.convert.core import ConvertResult
 
-def verify_output(path: str, result) -> None:
+
+def verify_output(path: str, result: ConvertResult) -> None:
     """Re-read the output through the reader: structure, mapped-ram, populated page count."""
     with open_image(path, use_cache=False) as img:
         if not result.already_sparse:

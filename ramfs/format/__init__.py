@@ -4,9 +4,15 @@ Nothing here opens files, spawns threads or knows about FUSE. Everything reads t
 ``read_at(offset, size)`` source and returns frozen dataclasses.
 """
 
-from ramfs.format.libvirt import (  # noqa: F401
+from ramfs.format.libvirt import (
     LIBVIRT_HEADER_SIZE, LibvirtHeader, LibvirtMetadata, SaveFormat, is_libvirt_magic,
     parse_header, parse_metadata)
-from ramfs.format.qemu import (  # noqa: F401
+from ramfs.format.qemu import (
     Configuration, MappedRamHeader, RamBlockRecord, StreamLayout, is_qemu_magic, parse_stream)
-from ramfs.format.source import BytesSource, Cursor, ForwardSource, Source  # noqa: F401
+from ramfs.format.source import BytesSource, Cursor, ForwardSource, Source
+
+__all__ = [
+    "LIBVIRT_HEADER_SIZE", "BytesSource", "Configuration", "Cursor", "ForwardSource", "LibvirtHeader",
+    "LibvirtMetadata", "MappedRamHeader", "RamBlockRecord", "SaveFormat", "Source", "StreamLayout",
+    "is_libvirt_magic", "is_qemu_magic", "parse_header", "parse_metadata", "parse_stream",
+]

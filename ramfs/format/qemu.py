@@ -715,7 +715,9 @@ class _Parser:
                 raise FormatError("section footer where a section should start", start)
             else:
                 raise FormatError(f"unknown section type {t:#x}", start)
-        if device_offset == cur.pos and eof is None and ram_end is not None and cur.at_end():
+        # Every way out of the loop has seen the RAM section start and end.
+        assert ram_id is not None and ram_start is not None and ram_end is not None and device_offset is not None
+        if device_offset == cur.pos and eof is None and cur.at_end():
             return self.layout(conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
                                None, None, None, cur.pos)
         vmdesc_offset, vmdesc, end = self.tail(device_offset, eof)
@@ -727,8 +729,9 @@ class _Parser:
         return self.layout(conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
                            eof, vmdesc_offset, vmdesc, end)
 
-    def layout(self, conf, ram_id, ram_start, total, parts, commands, ram_end, device_offset,
-               eof, vmdesc_offset, vmdesc, end) -> StreamLayout:
+    def layout(self, conf: Configuration | None, ram_id: int, ram_start: int, total: int, parts: int,
+               commands: list[Command], ram_end: int, device_offset: int, eof: int | None,
+               vmdesc_offset: int | None, vmdesc: bytes | None, end: int) -> StreamLayout:
         return StreamLayout(
             base=self.base, end=end, configuration=conf, page_size=self.page_size,
             ram_section_id=ram_id, ram_start_offset=ram_start, mem_size_total=total,
@@ -817,7 +820,8 @@ class _OffsetBytes:
         i = offset - self.origin
         if i < 0:
             raise FormatError("internal: read before the retained stream tail", offset)
-        return self.data[i : i + size]
+        part = self.data[i : i + size]
+        return part if isinstance(part, bytes) else bytes(part)
 
 
 def parse_configuration(source: Source, base: int = 0) -> Configuration | None:

@@ -107,13 +107,16 @@ class Cursor:
         return self.read(1, what)[0]
 
     def be16(self, what: str) -> int:
-        return _BE16.unpack(self.read(2, what))[0]
+        v: int = _BE16.unpack(self.read(2, what))[0]
+        return v
 
     def be32(self, what: str) -> int:
-        return _BE32.unpack(self.read(4, what))[0]
+        v: int = _BE32.unpack(self.read(4, what))[0]
+        return v
 
     def be64(self, what: str) -> int:
-        return _BE64.unpack(self.read(8, what))[0]
+        v: int = _BE64.unpack(self.read(8, what))[0]
+        return v
 
     def peek_u8(self) -> int | None:
         buf, i = self.window(1)
@@ -186,7 +189,7 @@ class ForwardSource:
         # Drop what lies well before the request so memory stays bounded.
         self._drop_before(offset - self._keep)
         pos = self._buf_start
-        parts = []
+        parts: list[bytes] = []
         want_end = offset + size
         for chunk in self._chunks:
             end = pos + len(chunk)

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 from ramfs.errors import FormatError, TruncatedError
 from ramfs.format.qemu import SectionType, StreamLayout
@@ -55,7 +55,7 @@ ARRAY_DECODE_LIMIT = 1 << 20  # scalar arrays larger than this (bytes) are not d
 
 # --- scalar types (vmstate-types.c VMStateInfo names) -------------------------------------
 # type name -> (width in bytes, signed, byte order)
-INT_TYPES: dict[str, tuple[int, bool, str]] = {
+INT_TYPES: dict[str, tuple[int, bool, Literal["little", "big"]]] = {
     "int8": (1, True, "big"), "int16": (2, True, "big"), "int32": (4, True, "big"),
     "int64": (8, True, "big"),
     "uint8": (1, False, "big"), "uint16": (2, False, "big"), "uint32": (4, False, "big"),
@@ -129,7 +129,7 @@ class Field:
             raise TypeError(f"field {self.name!r} is not an array")
         return self.children[i]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "type": self.type, "offset": self.offset,
                              "size": self.size}
         for key in ("array_len", "index", "version", "vmsd_name"):
@@ -181,7 +181,7 @@ class DeviceSection:
         """``{path: value}`` of every leaf (see :func:`flatten`)."""
         return flatten(self.fields)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "instance_id": self.instance_id, "version": self.version,
                 "section_id": self.section_id, "vmsd_name": self.vmsd_name, "offset": self.offset,
                 "end": self.end, "fields": [f.to_dict() for f in self.fields]}
@@ -207,13 +207,13 @@ class DeviceState:
                 return d
         return None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"offset": self.offset, "end": self.end,
                 "devices": [d.to_dict() for d in self.devices]}
 
 
 def find_field(fields: Iterable[Field], name: str) -> Field | None:
-    subs = []
+    subs: list[Field] = []
     for f in fields:
         if f.name == name and f.type != SUBSECTION:
             return f
@@ -289,14 +289,14 @@ def parse_devices(source: Source, layout: StreamLayout) -> DeviceState:
     if not isinstance(devices, list):
         raise FormatError("vmdesc has no \"devices\" list", layout.vmdesc_offset)
     walker = _Walker(source, layout)
-    out = []
+    out: list[DeviceSection] = []
     for i, dd in enumerate(devices):
         out.append(walker.device(dd, i, len(devices), out[-1] if out else None))
     walker.finish(out[-1] if out else None)
     return DeviceState(devices=tuple(out), offset=layout.device_offset, end=layout.eof_offset)
 
 
-def _load_vmdesc(layout: StreamLayout) -> dict:
+def _load_vmdesc(layout: StreamLayout) -> dict[str, Any]:
     if layout.vmdesc is None:
         raise FormatError("the stream has no VM description (vmdesc): its device sections "
                           "cannot be decoded", layout.eof_offset if layout.eof_offset is not None
@@ -316,7 +316,8 @@ def _label(name: Any, iid: Any) -> str:
 class _Walker:
     def __init__(self, source: Source, layout: StreamLayout):
         self.src = source
-        self.eof = layout.eof_offset
+        assert layout.eof_offset is not None  # parse_devices has checked
+        self.eof: int = layout.eof_offset
         self.start = layout.device_offset
         self.footers = layout.footers
         self.desc_off = layout.vmdesc_offset
@@ -328,7 +329,15 @@ class _Walker:
     def bad_desc(self, where: str, problem: str) -> FormatError:
         return FormatError(f"vmdesc: {where}: {problem}", self.desc_off)
 
-    def desc_int(self, d: dict, key: str, where: str, *, required: bool = True,
+    @overload
+    def desc_int(self, d: dict[str, Any], key: str, where: str, *, required: Literal[True] = True,
+                 minimum: int = 0, maximum: int = (1 << 63) - 1) -> int: ...
+
+    @overload
+    def desc_int(self, d: dict[str, Any], key: str, where: str, *, required: bool,
+                 minimum: int = 0, maximum: int = (1 << 63) - 1) -> int | None: ...
+
+    def desc_int(self, d: dict[str, Any], key: str, where: str, *, required: bool = True,
                  minimum: int = 0, maximum: int = (1 << 63) - 1) -> int | None:
         v = d.get(key)
         if v is None and not required:
@@ -337,7 +346,13 @@ class _Walker:
             raise self.bad_desc(where, f"{key!r} is {v!r}, not an integer in [{minimum}, {maximum}]")
         return v
 
-    def desc_str(self, d: dict, key: str, where: str, *, required: bool = True) -> str | None:
+    @overload
+    def desc_str(self, d: dict[str, Any], key: str, where: str, *, required: Literal[True] = True) -> str: ...
+
+    @overload
+    def desc_str(self, d: dict[str, Any], key: str, where: str, *, required: bool) -> str | None: ...
+
+    def desc_str(self, d: dict[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
         v = d.get(key)
         if v is None and not required:
             return None
@@ -345,7 +360,7 @@ class _Walker:
             raise self.bad_desc(where, f"{key!r} is {v!r}, not a string")
         return v
 
-    def desc_list(self, d: dict, key: str, where: str) -> list:
+    def desc_list(self, d: dict[str, Any], key: str, where: str) -> list[Any]:
         v = d.get(key, [])
         if not isinstance(v, list):
             raise self.bad_desc(where, f"{key!r} is not a list")
@@ -427,10 +442,10 @@ class _Walker:
             if fid != sid:
                 raise FormatError(f"the footer names section {fid}, expected {sid}", pos)
         else:
-            b = cur.peek_u8()
-            if b not in (_SECTION_FULL, _EOF):
+            nxt = cur.peek_u8()
+            if nxt not in (_SECTION_FULL, _EOF):
                 raise FormatError(f"the fields end at {pos:#x} but the next byte is "
-                                  f"{'nothing' if b is None else hex(b)}, neither a FULL section "
+                                  f"{'nothing' if nxt is None else hex(nxt)}, neither a FULL section "
                                   f"nor QEMU_VM_EOF", pos)
 
     def finish(self, last: DeviceSection | None) -> None:
@@ -454,11 +469,11 @@ class _Walker:
         cur.u8("QEMU_VM_EOF")
 
     # -- vmstate payloads ----------------------------------------------------------------
-    def body(self, desc: dict, path: str, depth: int, where: str) -> tuple[Field, ...]:
+    def body(self, desc: dict[str, Any], path: str, depth: int, where: str) -> tuple[Field, ...]:
         """A vmsd's fields then its subsections."""
         if depth > MAX_DEPTH:
             raise self.bad_desc(where, f"structs nested more than {MAX_DEPTH} deep")
-        out = []
+        out: list[Field] = []
         for j, fd in enumerate(self.desc_list(desc, "fields", where)):
             out.append(self.field(fd, path, depth, f"{where}.fields[{j}]"))
         for j, sd in enumerate(self.desc_list(desc, "subsections", where)):
@@ -529,7 +544,7 @@ class _Walker:
             data = cur.read(RAW_LIMIT, f"field {full!r}")
             cur.skip(total - RAW_LIMIT, f"field {full!r}")
             values = None
-        children: tuple[Field, ...] = ()
+        children = ()
         if n <= ARRAY_CHILDREN_LIMIT and total <= ARRAY_DECODE_LIMIT:
             self.take(n, where)
             children = tuple(Field(name=name, type=typ, offset=start + k * size, size=size,
@@ -539,7 +554,7 @@ class _Walker:
         return Field(name=name, type=typ, offset=start, size=total, raw=data[:RAW_LIMIT],
                      value=values, children=children, array_len=n)
 
-    def inner_desc(self, fd: dict, typ: str, where: str) -> dict | None:
+    def inner_desc(self, fd: dict[str, Any], typ: str, where: str) -> dict[str, Any] | None:
         """The vmsd description of a composite field, or None for a leaf."""
         if "struct" in fd:
             s = fd["struct"]
@@ -550,7 +565,7 @@ class _Walker:
             return fd
         return None  # leaves, and put()s whose nested description is not a plain vmsd (qtailq...)
 
-    def element(self, name: str, typ: str, size: int, inner: dict | None, full: str,
+    def element(self, name: str, typ: str, size: int, inner: dict[str, Any] | None, full: str,
                 depth: int, where: str, index: int | None) -> Field:
         cur = self.cur
         start = cur.pos
@@ -701,7 +716,7 @@ class CpuState:
     def segments(self) -> dict[str, Segment | None]:
         return {n: getattr(self, n) for n in (*SEGMENT_NAMES, "ldt", "tr")}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "offset": self.offset}
         out.update(self.regs)
         for k in self.__dataclass_fields__:
@@ -739,7 +754,8 @@ def cpu_states(devices: DeviceState | Iterable[DeviceSection]) -> list[CpuState]
     return sorted(out, key=lambda c: c.index)
 
 
-def guest_cpus(devices: DeviceState | Iterable[DeviceSection]) -> tuple[str | None, list]:
+def guest_cpus(devices: DeviceState | Iterable[DeviceSection]
+               ) -> tuple[str | None, Sequence[CpuState | Aarch64CpuState]]:
     """(target, vCPU states) of a decoded device state: :class:`CpuState` for x86,
     :class:`Aarch64CpuState` for aarch64, an empty list for a target whose registers are
     not decoded (never another target's names on its values); (None, []) without CPUs."""
@@ -828,7 +844,7 @@ class Aarch64CpuState:
     def fpcr(self) -> int | None:
         return None if self.fpscr is None else self.fpscr & FPSCR_FPCR_MASK
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"target": "aarch64", "index": self.index, "offset": self.offset,
                                "aarch64_state": self.aarch64}
         out.update({f"x{i}": v for i, v in enumerate(self.x)})
@@ -852,7 +868,8 @@ def _aarch64_cpu(d: DeviceSection, common: DeviceSection | None) -> Aarch64CpuSt
     vregs: list[tuple[int, int] | None] = []
     for i in range(32):
         halves = [_int_value(f) for f in _elements(d, f"env.vfp.zregs[{i}].d")]
-        vregs.append((halves[0], halves[1]) if len(halves) == 2 and None not in halves else None)
+        lo, hi = halves if len(halves) == 2 else (None, None)
+        vregs.append((lo, hi) if lo is not None and hi is not None else None)
     fpscr_f = d.field("fpscr")
     fpscr = int.from_bytes(fpscr_f.raw[:4], "big") if fpscr_f is not None and len(fpscr_f.raw) >= 4 else None
     idx = [_int_value(f) for f in _elements(d, "cpreg_vmstate_indexes")]
@@ -900,7 +917,8 @@ def _elements(d: DeviceSection, name: str) -> list[Field]:
     look(d.fields)
     if len(hits) == 1 and hits[0].array_len is not None:
         return list(hits[0].children)
-    return sorted((f for f in hits if f.index is not None), key=lambda f: f.index)
+    indexed = [(f.index, f) for f in hits if f.index is not None]
+    return [f for _, f in sorted(indexed, key=lambda p: p[0])]
 
 
 def _cpu(d: DeviceSection, common: DeviceSection | None) -> CpuState:
@@ -916,7 +934,8 @@ def _cpu(d: DeviceSection, common: DeviceSection | None) -> CpuState:
     segs: list[Segment | None] = [_segment(f) for f in _elements(d, "env.segs")[:len(SEGMENT_NAMES)]]
     segs += [None] * (len(SEGMENT_NAMES) - len(segs))
     drs = [_int_value(f) for f in _elements(d, "env.dr")]
-    dr = tuple(drs) if drs and all(v is not None for v in drs) else None
+    known_drs = [v for v in drs if v is not None]
+    dr = tuple(known_drs) if drs and len(known_drs) == len(drs) else None
     halted = None
     irq = None
     if common is not None:
@@ -969,7 +988,7 @@ class VmcoreinfoState:
     size: int  # bytes the guest reserved for the note
     paddr: int  # guest-physical address of the note
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"offset": self.offset, "has_vmcoreinfo": self.has_vmcoreinfo,
                 "host_format": self.host_format, "guest_format": self.guest_format,
                 "size": self.size, "paddr": self.paddr}
@@ -983,9 +1002,10 @@ def vmcoreinfo_state(devices: DeviceState | Iterable[DeviceSection]) -> Vmcorein
             continue
         has = d.field("has_vmcoreinfo")
         values = [_int_value(d.field(f"vmcoreinfo.{n}")) for n in ("host_format", "guest_format", "size", "paddr")]
-        if has is None or not isinstance(has.value, bool) or any(v is None for v in values):
+        known = [v for v in values if v is not None]
+        if has is None or not isinstance(has.value, bool) or len(known) != len(values):
             return None
-        host_format, guest_format, size, paddr = values
+        host_format, guest_format, size, paddr = known
         return VmcoreinfoState(offset=d.offset, has_vmcoreinfo=has.value, host_format=host_format,
                                guest_format=guest_format, size=size, paddr=paddr)
     return None

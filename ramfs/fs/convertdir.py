@@ -463,7 +463,9 @@ class ConvertManager:
         try:
             if conv.error is not None:
                 raise conv.error
-            verify_output(f"/proc/self/fd/{conv.fd}", conv.result)
+            result = conv.result
+            assert result is not None  # the conversion thread set it, or conv.error
+            verify_output(f"/proc/self/fd/{conv.fd}", result)
             with creds.as_caller_if_root(conv.caller):
                 try:
                     # The inode we wrote and checked, not whatever the temporary's name holds.
@@ -475,8 +477,8 @@ class ConvertManager:
                                            e.errno or errno.EIO) from None
             conv.published_fd = os.open(f"/proc/self/fd/{conv.fd}", os.O_RDONLY | os.O_CLOEXEC)
             conv.published = True
-            log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, conv.result.source_format,
-                     sum(conv.result.populated), time.monotonic() - conv.started)
+            log.info("converted %s (%s, %d pages) in %.1f s", conv.final_path, result.source_format,
+                     sum(result.populated), time.monotonic() - conv.started)
         except BaseException as e:
             conv.error = e
             log.warning("conversion of %s failed: %s", fname, e)

@@ -19,8 +19,9 @@ import ctypes.util
 import logging
 import os
 import platform
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("ramfs.fs")
 
@@ -59,7 +60,7 @@ class Caller:
     pid: int = 0
 
 
-def caller_of(ctx) -> Caller:
+def caller_of(ctx: Any) -> Caller:  # a pyfuse3.RequestContext
     """The caller of a pyfuse3 request. FUSE carries uid, gid, pid and umask, not the
     supplementary groups: they are read from /proc/PID/status (none if the process is gone,
     which can only deny more, never allow more)."""
@@ -82,9 +83,9 @@ def can_act_as_others() -> bool:
     return _NR is not None and os.geteuid() == 0
 
 
-def _syscall(name: str, *args) -> int:
+def _syscall(name: str, *args: object) -> int:
     assert _NR is not None
-    r = _libc.syscall(_NR[name], *args)
+    r: int = _libc.syscall(_NR[name], *args)
     if r == -1:
         e = ctypes.get_errno()
         raise OSError(e, f"{name}: {os.strerror(e)}")
@@ -94,14 +95,15 @@ def _syscall(name: str, *args) -> int:
 def _fsid(name: str, value: int) -> int:
     """setfsuid/setfsgid: returns the previous id; success is seen by asking again (-1 is
     never a valid id, so the call then only reports)."""
-    prev = _libc.syscall(_NR[name], ctypes.c_uint(value))
+    assert _NR is not None
+    prev: int = _libc.syscall(_NR[name], ctypes.c_uint(value))
     now = _libc.syscall(_NR[name], ctypes.c_uint(0xFFFFFFFF))
     if now != value:
         raise PermissionError(f"{name}({value}) refused")
     return prev
 
 
-def _caps() -> tuple[_CapHeader, ctypes.Array]:
+def _caps() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _syscall("capget", ctypes.byref(hdr), data)

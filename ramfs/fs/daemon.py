@@ -18,8 +18,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from ramfs.errors import RamfsError
+
+if TYPE_CHECKING:
+    import pwd
+
+    from ramfs.fs.tree import Tree
+    from ramfs.image.phys import Placement
 
 log = logging.getLogger("ramfs.fs")
 
@@ -57,8 +65,8 @@ def _is_mountpoint(path: str) -> bool:
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
-          below_4g: int | None = None, placement=None, systemd: bool = False, user: str | None = None,
-          quiet: bool = False) -> int:
+          below_4g: int | None = None, placement: Placement | None = None, systemd: bool = False,
+          user: str | None = None, quiet: bool = False) -> int:
     import pyfuse3
     import trio
 
@@ -208,7 +216,7 @@ def _report(fd: int, message: str) -> None:
         os.close(fd)
 
 
-def _account(user: str):
+def _account(user: str) -> pwd.struct_passwd:
     import pwd
 
     if os.geteuid() != 0:
@@ -219,7 +227,7 @@ def _account(user: str):
         raise RamfsError(f"--user {user}: no such user") from None
 
 
-def _user_cache(account) -> str:
+def _user_cache(account: pwd.struct_passwd) -> str:
     """A cache directory the dropped user owns (indexes it writes after the drop)."""
     # Not under root's home (0700, so unreachable after the drop).
     d = Path("/var/cache/ramfs") / f"user-{account.pw_name}"
@@ -265,7 +273,7 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(e, f"prctl({option}, {arg}): {os.strerror(e)}")
 
 
-def _drop_privileges(account) -> None:
+def _drop_privileges(account: pwd.struct_passwd) -> None:
     """For good: no capability can come back (the bounding set is emptied while we still
     may, and no_new_privs stops setuid programs and file capabilities), then USER's uids,
     gids and groups, real, effective and saved."""
@@ -292,14 +300,14 @@ def _drop_privileges(account) -> None:
     raise RamfsError("dropping privileges failed: setuid(0) still works")
 
 
-def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree, systemd: bool,
-               ready, user: str) -> int:
+def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree: Tree, systemd: bool,
+               ready: _Ready | None, user: str) -> int:
     import pyfuse3
 
     tree.close()  # the worker has its own copies of the descriptors
-    stopping = []
+    stopping: list[int] = []
 
-    def forward(signum, frame):
+    def forward(signum: int, frame: FrameType | None) -> None:
         stopping.append(signum)
         try:
             os.kill(child, signum)
@@ -352,7 +360,7 @@ async def _serve() -> None:
     import trio
 
     async with trio.open_nursery() as nursery:
-        async def on_signals():
+        async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async for _ in sigs:
                     pyfuse3.terminate()

@@ -15,6 +15,8 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -86,9 +88,12 @@ class _StaleInvalidateFilter(logging.Filter):
 logging.getLogger("pyfuse3").addFilter(_StaleInvalidateFilter())
 
 
-def fuse_errors(fn):
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_errors(fn: _Handler) -> _Handler:
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    async def wrapper(self: Operations, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -99,7 +104,7 @@ def fuse_errors(fn):
         except Exception:
             log.exception("bug in %s%r; answered EIO", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
+    return cast(_Handler, wrapper)  # the same positional arguments and result as fn
 
 
 class Operations(pyfuse3.Operations):
@@ -112,7 +117,7 @@ class Operations(pyfuse3.Operations):
         self.write_limiter = trio.CapacityLimiter(MAX_WORKERS)
         self._handles = itertools.count(1 << 40)
         self._snapshots: dict[int, bytes] = {}
-        self._writers: dict = {}
+        self._writers: dict[int, Conversion] = {}
         self._populating: dict[int, trio.Lock] = {}
         self._rescan_lock = trio.Lock()  # scans one at a time (the tree's threading rule)
         self.dynamic_root = tree.root is not None and tree.root.dynamic
@@ -179,8 +184,10 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = node.size
             if isinstance(node, ConversionFile):
+                assert node.conversion is not None  # Tree.add_conversion gives it one
                 a.st_size = node.conversion.assembler.size
             elif isinstance(node, StatusFile):
+                assert node.render is not None  # Tree.status gives it one
                 a.st_size = len(node.render())
             a.st_blocks = node.blocks
             a.st_blksize = BLOCK_BLKSIZE
@@ -188,7 +195,8 @@ class Operations(pyfuse3.Operations):
 
     # -- operations --------------------------------------------------------------------
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if not isinstance(parent, DirNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -203,12 +211,12 @@ class Operations(pyfuse3.Operations):
         return self._attrs(child)
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         await self._refresh_owners()
         return self._attrs(self._node(inode))
 
     @fuse_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
         if not isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -217,8 +225,9 @@ class Operations(pyfuse3.Operations):
         return inode
 
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node = self._node(fh)
+        assert isinstance(node, DirNode)  # fh is the inode opendir found to be a directory
         # next_id is the 1-based position; entries are sorted so positions stay stable
         # while the directory is listed (directory mode may change between listings).
         entries = sorted(node.children.items())
@@ -226,11 +235,11 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), i):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         return None
 
     @fuse_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -241,6 +250,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST if self._published(node) else errno.EROFS)
         if isinstance(node, StatusFile):
             fh = next(self._handles)
+            assert node.render is not None  # Tree.status gives it one
             self._snapshots[fh] = node.render()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if isinstance(node, ViewFile) and self.tree.direct_io:
@@ -249,7 +259,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @fuse_errors
-    async def read(self, fh, off, size):
+    # pyfuse3 replies with any buffer; its stub says bytes, but a copy of _ZEROS or of a
+    # block's bytearray would cost what serving them without one saves.
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         if fh in self._snapshots:
             return self._snapshots[fh][off:off + size]
         node = self._node(fh)
@@ -261,6 +273,7 @@ class Operations(pyfuse3.Operations):
             return b""
         size = min(size, node.size - off)
         view = node.view
+        assert view is not None  # a ViewFile is always made with its view
         if size <= len(_ZEROS) and not view.has_data(off, size):
             return _ZEROS[:size]
         if size <= NOWAIT_MAX and not self.tree.direct_io:
@@ -283,15 +296,18 @@ class Operations(pyfuse3.Operations):
         return self.tree.convert_dir is not None and parent_inode == self.tree.convert_dir.inode
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if not self._in_convert(parent_inode):
             raise pyfuse3.FUSEError(errno.EROFS)
+        assert self.tree.convert_dir is not None  # _in_convert: it exists
         if name in self.tree.convert_dir.children:
             raise pyfuse3.FUSEError(errno.EEXIST)
         # The file is the caller's, with the mode it asked for, exactly as if it had been
         # created in the backing directory by the caller (who must be allowed to).
         caller = creds.caller_of(ctx)
         perm = mode & ~ctx.umask & 0o777
+        assert self.tree.converter is not None  # convert/ exists in directory mode, which has one
         try:
             conv = await trio.to_thread.run_sync(
                 functools.partial(self.tree.converter.start, name, caller, perm), limiter=self.write_limiter)
@@ -306,7 +322,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), self._attrs(node)
 
     @fuse_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         conv = self._writers.get(fh)
         if conv is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -320,7 +336,7 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     @fuse_errors
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         conv = self._writers.get(fh)
         if conv is None:
             return
@@ -331,6 +347,7 @@ class Operations(pyfuse3.Operations):
                 # descriptor being closed (dd opens its output, dup2()s it to stdout and
                 # closes the original; so does the shell's "> file"). The end comes later.
                 return
+            assert self.tree.converter is not None  # conversions exist in directory mode only
             try:
                 await trio.to_thread.run_sync(self.tree.converter.finish, conv, limiter=self.write_limiter)
             except (RamfsError, OSError) as e:
@@ -368,10 +385,11 @@ class Operations(pyfuse3.Operations):
             time.sleep(0.02)
         return conv.assembler.size > 0
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         self._snapshots.pop(fh, None)
         conv = self._writers.pop(fh, None)
         if conv is not None and not conv.settled:
+            assert self.tree.converter is not None  # conversions exist in directory mode only
             # Closed without a flush we could answer: finish anyway, so nothing half-written
             # survives and a complete copy is still published.
             try:
@@ -390,6 +408,7 @@ class Operations(pyfuse3.Operations):
         node = conv.node
         if conv.settled:
             return
+        assert isinstance(node, ConversionFile)  # create() set it before the handle was used
         d = self.tree.convert_dir
         if conv.published:
             view = FileView(conv.published_fd, conv.final_path)
@@ -402,11 +421,13 @@ class Operations(pyfuse3.Operations):
             await self._rescan(force=True)
         else:
             self.tree.replace(node, None)
+            assert d is not None  # convert/ exists: conversions are made in it
             _invalidate_entry(d.inode, node.name)
             conv.settled = True
 
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if not isinstance(node, ConversionFile):
             if self._published(node) and not fields.update_size:
@@ -416,6 +437,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         conv = node.conversion
         if fields.update_size:
+            assert conv is not None  # Tree.add_conversion gives it one
             try:
                 conv.assembler.truncate(attr.st_size)
             except (RamfsError, OSError) as e:
@@ -423,44 +445,46 @@ class Operations(pyfuse3.Operations):
         # Modes, owners and times of a file being converted are not kept (cp -a sets them).
         return self._attrs(node)
 
-    async def _refuse(self, parent_inode, *args):
+    async def _refuse(self, parent_inode: int, *args: object) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM if self._in_convert(parent_inode) else errno.EROFS)
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode)
 
     @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode)
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode)
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode)
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+                     ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(parent_inode_old)
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> NoReturn:
         await self._refuse(new_parent_inode)
 
     @fuse_errors
-    async def access(self, inode, mode, ctx):
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         node = self._node(inode)
         return not mode & os.W_OK or bool(node.st_mode & 0o200)
 
     @fuse_errors
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = sum(n.blocks for n in self.tree.nodes.values() if isinstance(n, FileNode)) // 8
@@ -470,6 +494,6 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Nodes are kept for the life of the mount (they are small); nothing to release.
         return None

@@ -34,12 +34,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from typing import Any, TypeAlias, TypeVar
 
 from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
 from ramfs.format.qcow2 import QCOW_MAGIC
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
-from ramfs.fs.convertdir import TMP_PREFIX, Conversion
+from ramfs.fs.convertdir import TMP_PREFIX, Conversion, ConvertManager
 from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
 from ramfs.image.describe import describe
@@ -55,6 +56,9 @@ ROOT_INODE = 1
 BLOCK_BLKSIZE = 1 << 20  # st_blksize of block files: tools then read in 1 MiB units
 CONVERT_DIR = b"convert"
 RESCAN_INTERVAL = 1.0  # seconds between directory-mode rescans of the backing directory
+# Directory mode: what a listed file was when last looked at, (dev, ino, size, mtime_ns) or
+# ("unreadable",); () for the name convert/ takes.
+EntryKey: TypeAlias = tuple[int | str, ...]
 
 
 class Owner:
@@ -172,12 +176,15 @@ class ConversionFile(FileNode):
         return stat.S_IFREG | (self.owner.ids[2] & 0o777)
 
 
+_N = TypeVar("_N", bound=Node)
+
+
 @dataclass
 class ScanPlan:
     """What a scan of the backing directory found, for :meth:`Tree.apply` to make so."""
 
     dir_stat: os.stat_result | None
-    added: list[tuple[bytes, tuple, DirNode]] = field(default_factory=list)  # new or changed
+    added: list[tuple[bytes, EntryKey, DirNode]] = field(default_factory=list)  # new or changed
     dropped: list[bytes] = field(default_factory=list)
     owners: list[tuple[Owner, os.stat_result]] = field(default_factory=list)
 
@@ -204,13 +211,13 @@ class Tree:
         self._owner_thread = threading.get_ident()
         self.direct_io = direct_io
         self.cache = cache
-        self.progress = None  # progress(done, total) while an image is first opened
+        self.progress: Callable[[int, int], None] | None = None  # progress(done, total) while an image is first opened
         # Where phys/ places the RAM blocks, beyond what an image records (--below-4g, --numa, --device).
         self.placement = placement if placement is not None else Placement(below_4g)
         self.images: list[Image] = []
         self.root: DirNode | None = None
         self.convert_dir: DirNode | None = None  # directory mode only
-        self.converter = None
+        self.converter: ConvertManager | None = None
         self.mountpoint: str | None = None  # set by the daemon (convert/ looks for open files)
         self.reader_name: str | None = None  # --user: the account images are read as
         # Single-image mode: the image's descriptor, opened before the mount (and before a
@@ -220,8 +227,8 @@ class Tree:
         # Directory mode: name -> (dev, ino, fd) opened as root before a --user drop.
         self._preopened: dict[bytes, tuple[int, int, int]] = {}
         self._dir_fd: int | None = None
-        self._entries: dict[bytes, tuple[tuple, DirNode]] = {}
-        self._not_images: dict[bytes, tuple] = {}
+        self._entries: dict[bytes, tuple[EntryKey, DirNode]] = {}
+        self._not_images: dict[bytes, EntryKey] = {}
         self._scanned_at = 0.0
         # Called with (parent inode, name) when directory mode drops or replaces an entry, so
         # the FUSE layer can make the kernel forget its cached dentry at once.
@@ -239,11 +246,11 @@ class Tree:
             return ino
 
     # -- building (detached subtrees: any thread) ----------------------------------------
-    def _link(self, parent: DirNode, node: Node) -> Node:
+    def _link(self, parent: DirNode, node: _N) -> _N:
         parent.children[node.name] = node
         return node
 
-    def mkdir(self, parent: DirNode, name: bytes, mtime_ns: int, **kw) -> DirNode:
+    def mkdir(self, parent: DirNode, name: bytes, mtime_ns: int, **kw: Any) -> DirNode:
         existing = parent.children.get(name)
         if isinstance(existing, DirNode):
             return existing
@@ -277,6 +284,7 @@ class Tree:
     def add_conversion(self, name: bytes, owner: Owner, conversion: Conversion) -> ConversionFile:
         self._owned()
         node = ConversionFile(self.new_inode(), name, time.time_ns(), owner, conversion=conversion)
+        assert self.convert_dir is not None  # convert/ exists in directory mode, the only one with conversions
         self._link(self.convert_dir, node)
         self._register(node)
         return node
@@ -285,6 +293,7 @@ class Tree:
         """convert/: the file being written becomes the finished image (same inode) or goes."""
         self._owned()
         parent = self.convert_dir
+        assert parent is not None  # convert/ exists in directory mode, the only one with conversions
         if parent.children.get(old.name) is old:
             del parent.children[old.name]
         self.nodes.pop(old.inode, None)
@@ -322,6 +331,7 @@ class Tree:
         self._owned()
         if self._image_fd is None:
             self.open_image_file(path)
+        assert self._image_fd is not None  # open_image_file set it
         st = os.fstat(self._image_fd)  # the path may not be ours to stat (--user)
         if os.pread(self._image_fd, 4, 0) == QCOW_MAGIC:
             # A qcow2 disk: its snapshots with VM state, each opened when first looked in.
@@ -473,8 +483,6 @@ class Tree:
         """The root-side half of a directory mount: the directory's descriptor, the convert
         manager, and a descriptor on each regular file there now (for --user, which reads
         them after dropping privileges). Nothing is parsed here."""
-        from ramfs.fs.convertdir import ConvertManager
-
         self.backing = os.path.realpath(path)
         try:
             self._dir_fd = os.open(self.backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -500,7 +508,9 @@ class Tree:
     def mount_directory(self, path: str | None = None, *, convert_jobs: int = 1) -> None:
         self._owned()
         if self._dir_fd is None:
+            assert path is not None  # the directory was not opened before: its path is needed
             self.open_directory(path, convert_jobs=convert_jobs)
+        assert self._dir_fd is not None and self.converter is not None  # open_directory set both
         st = os.fstat(self._dir_fd)
         self._dir_owner = Owner.of(st)
         root = DirNode(self.new_inode(), b"", st.st_mtime_ns, self._dir_owner, dynamic=True)
@@ -567,6 +577,7 @@ class Tree:
                     st = os.fstat(pre[2]) if pre is not None else None
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else ("unreadable",)
                 if old is not None and old[0] == key:
+                    assert st is not None  # an entry we could not stat with an old one was skipped above
                     seen.add(name)
                     plan.owners.append((old[1].owner, st))  # chmod/chown: shown within a rescan
                     continue
@@ -597,12 +608,14 @@ class Tree:
             if name in self._entries:
                 self._drop(name)
             self._entries[name] = (key, node)
+            assert self.root is not None  # scan() makes plans only once the root exists
             self._link(self.root, node)
             self._register(node)
 
     def _unreadable(self, name: bytes) -> DirNode:
         """An entry that cannot even be looked up as the user the mount reads as."""
         path = os.path.join(self.backing, os.fsdecode(name))
+        assert self.root is not None  # called by scan(), only once the root exists
         d = DirNode(self.new_inode(), name, self.root.mtime_ns, self._dir_owner, dynamic=True, path=path)
         who = f" (the mount reads images as {self.reader_name})" if self.reader_name else ""
         self.static(d, b"ERROR", d.mtime_ns, f"cannot open {path}: Permission denied{who}\n".encode())
@@ -652,6 +665,7 @@ class Tree:
 
     def _drop(self, name: bytes) -> None:
         _, d = self._entries.pop(name)
+        assert self.root is not None  # entries exist only under the root
         if self.root.children.get(name) is d:
             del self.root.children[name]
         with self._lock:
@@ -671,6 +685,7 @@ class Tree:
         if fd is None:  # dropped meanwhile
             self.static(staging, b"ERROR", d.mtime_ns, f"{path} was removed or replaced\n".encode())
             return staging, None
+        assert path is not None  # a directory with an image descriptor has the image's path
         try:
             img = open_image(path, cache=self.cache, direct_io=self.direct_io and d.snapshot is None, fd=fd,
                              progress=self.progress, snapshot=d.snapshot)

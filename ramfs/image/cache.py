@@ -14,7 +14,7 @@ from pathlib import Path
 CACHE_FORMAT_VERSION = 2
 
 
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
+def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if override is not None:
         return Path(override)
     env = os.environ.get("RAMFS_CACHE_DIR")

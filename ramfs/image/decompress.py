@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import bz2
 import errno
+import io
 import lzma
 import os
 import shutil
 import subprocess
 import threading
 import zlib
+from collections.abc import Callable
+from typing import IO, Protocol, Self, TypeAlias, cast
+
 import zstandard
 
 from ramfs.errors import CacheError, FormatError, UnsupportedError
@@ -23,21 +27,34 @@ from ramfs.format.libvirt import SaveFormat
 
 _ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError, ValueError)
 
+#: The compressed bytes: a binary file object (an open file, or a stream without a descriptor).
+RawFile: TypeAlias = io.RawIOBase | io.BufferedIOBase
+
+
+class _Stream(Protocol):
+    """A decompressed stream: the gzip, bz2, xz and zstd readers, or lzop's stdout."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
 
 class Decompressor:
     """``read(n)`` over the decompressed stream of a file region; errors become FormatError."""
 
-    def __init__(self, path: str | None, offset: int, fmt: SaveFormat, fileobj=None):
+    def __init__(self, path: str | None, offset: int, fmt: SaveFormat, fileobj: RawFile | None = None):
         """Decompress ``path`` from ``offset``, or the file-like ``fileobj`` from where it is."""
         self.fmt = fmt
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._feeder: threading.Thread | None = None
+        self._raw: RawFile
         if fileobj is None:
+            assert path is not None, "Decompressor needs a path or a fileobj"
             self._raw = open(path, "rb")
             self._raw.seek(offset)
         else:
             self._raw = fileobj
-        self._stream = None
+        self._stream: _Stream | None = None
         self._framing: _ZstdFraming | None = None
         try:
             if fmt == SaveFormat.GZIP:
@@ -45,22 +62,25 @@ class Decompressor:
             elif fmt == SaveFormat.BZIP2:
                 self._stream = bz2.BZ2File(self._raw, "rb")
             elif fmt == SaveFormat.XZ:
-                self._stream = lzma.LZMAFile(self._raw, "rb", format=lzma.FORMAT_XZ)
+                # LZMAFile takes any binary file object (typeshed says IO[bytes]).
+                self._stream = lzma.LZMAFile(cast("IO[bytes]", self._raw), "rb", format=lzma.FORMAT_XZ)
             elif fmt == SaveFormat.ZSTD:
                 self._framing = _ZstdFraming()
+                # zstandard only calls read() on its source.
                 self._stream = zstandard.ZstdDecompressor().stream_reader(
-                    _Tee(self._raw, self._framing.feed), read_across_frames=True)
+                    cast("IO[bytes]", _Tee(self._raw, self._framing.feed)), read_across_frames=True)
             elif fmt == SaveFormat.LZOP:
                 prog = shutil.which("lzop")
                 if prog is None:
                     raise UnsupportedError("lzop-compressed image, but the lzop program is not installed")
-                has_fd = True
+                raw_fd: int | None
                 try:
-                    self._raw.fileno()
+                    raw_fd = self._raw.fileno()
                 except (AttributeError, OSError, ValueError):
-                    has_fd = False
+                    raw_fd = None
+                has_fd = raw_fd is not None
                 self._proc = subprocess.Popen([prog, "-dc", "--ignore-warn"],
-                                              stdin=self._raw if has_fd else subprocess.PIPE,
+                                              stdin=raw_fd if raw_fd is not None else subprocess.PIPE,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 if not has_fd:
                     # A stream without a descriptor (a copy arriving through FUSE): feed lzop.
@@ -74,18 +94,21 @@ class Decompressor:
             raise
 
     def _feed(self) -> None:
+        assert self._proc is not None and self._proc.stdin is not None  # lzop started with stdin=PIPE
+        stdin = self._proc.stdin
         try:
             while data := self._raw.read(1 << 20):
-                self._proc.stdin.write(data)
+                stdin.write(data)
         except (OSError, ValueError):
             pass  # lzop exited early; its status tells why
         finally:
             try:
-                self._proc.stdin.close()
+                stdin.close()
             except OSError:
                 pass
 
     def read(self, n: int) -> bytes:
+        assert self._stream is not None  # set by __init__ (or it raised)
         try:
             data = self._stream.read(n)
         except _ERRORS as e:
@@ -96,6 +119,7 @@ class Decompressor:
                 raise FormatError(f"the zstd stream {why}: the image is truncated")
         if not data and self._proc is not None:
             self._proc.wait()
+            assert self._proc.stderr is not None  # stderr=PIPE
             err = self._proc.stderr.read().decode(errors="replace").strip()
             if self._proc.returncode != 0:
                 raise FormatError(f"corrupt lzop data in the image: lzop says {err or 'error'}")
@@ -112,26 +136,27 @@ class Decompressor:
             if self._proc.poll() is None:
                 self._proc.kill()
             self._proc.wait()
-            self._proc.stderr.close()
+            if self._proc.stderr is not None:  # stderr=PIPE: always
+                self._proc.stderr.close()
             if self._feeder is not None:
                 self._feeder.join(timeout=10)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 class _Tee:
     """A file object whose reads are also shown to ``seen``."""
 
-    def __init__(self, raw, seen):
+    def __init__(self, raw: RawFile, seen: Callable[[bytes], None]):
         self._raw = raw
         self._seen = seen
 
     def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
+        data: bytes = self._raw.read(n)
         self._seen(data)
         return data
 
@@ -237,7 +262,7 @@ class _GzipMembers:
 
     CHUNK = 1 << 20
 
-    def __init__(self, raw):
+    def __init__(self, raw: RawFile):
         self._raw = raw
         self._d = zlib.decompressobj(31)
         self._pending = b""

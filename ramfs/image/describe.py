@@ -6,14 +6,20 @@ only ever added.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
+
 from ramfs import __version__
 from ramfs.errors import FormatError, RamfsError
-from ramfs.image.model import Image, domain_identity, open_image
+from ramfs.image.model import Device, Image, domain_identity, open_image
+
+if TYPE_CHECKING:
+    from ramfs.image.phys import Placement
 
 INFO_SCHEMA_VERSION = 1
 
 
-def describe(image: Image, below_4g: int | None = None, placement=None) -> dict:
+def describe(image: Image, below_4g: int | None = None, placement: Placement | None = None) -> dict[str, Any]:
     layout = image.layout
     lv = image.libvirt
     warnings = list(image.warnings)
@@ -91,12 +97,12 @@ def describe(image: Image, below_4g: int | None = None, placement=None) -> dict:
     }
 
 
-def _placement(below_4g: int | None):
+def _placement(below_4g: int | None) -> Placement:
     from ramfs.image.phys import Placement
     return Placement(below_4g)
 
 
-def _phys(image: Image, placement, warnings: list[str]) -> dict | None:
+def _phys(image: Image, placement: Placement, warnings: list[str]) -> dict[str, Any] | None:
     try:
         pmap = placement.map(image)
     except RamfsError as e:
@@ -106,7 +112,7 @@ def _phys(image: Image, placement, warnings: list[str]) -> dict | None:
     return pmap.as_json()
 
 
-def _devices(image: Image):
+def _devices(image: Image) -> tuple[list[Device] | None, list[str]]:
     """The vmdesc device list, and what is wrong with the vmdesc (bad JSON, page size)."""
     try:
         desc = image.layout.vmdesc_json()
@@ -120,8 +126,9 @@ def _devices(image: Image):
     return devices, problems
 
 
-def check(path: str, *, cache=None, use_cache: bool = False, warnings: list[str] | None = None,
-          placement=None, snapshot: str | None = None) -> list[str]:
+def check(path: str, *, cache: str | os.PathLike[str] | None = None, use_cache: bool = False,
+          warnings: list[str] | None = None, placement: Placement | None = None,
+          snapshot: str | None = None) -> list[str]:
     """Validate an image's structure; return every problem found (empty: the image is sound).
 
     A structural error stops the walk (what follows cannot be located), so it is the last

@@ -13,6 +13,8 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterator
+from typing import Self
 
 from ramfs.errors import ImageIOError
 
@@ -53,7 +55,7 @@ def open_regular(path: str, *, dir_fd: int | None = None, follow: bool = True,
     return fd
 
 
-def _data_ranges(fd: int, start: int, end: int):
+def _data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     pos = start
     while pos < end:
         try:
@@ -77,13 +79,13 @@ class WouldBlock(Exception):
     """A ``nowait`` read needs the disk (not a failure: the caller retries in a thread)."""
 
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
 class FileSource:
     """A read-only file read with ``pread``: no shared seek position, safe across threads."""
 
-    def __init__(self, path: str | os.PathLike, fd: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None):
         self.path = os.fspath(path)
         try:
             self.fd = fd if fd is not None else open_regular(self.path)
@@ -132,22 +134,25 @@ class FileSource:
             raise ImageIOError(f"read of {want} bytes at {offset:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
 
-    def data_ranges(self, start: int, end: int):
+    def data_ranges(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(a, b)`` ranges of ``[start, end)`` that may hold data: holes of a sparse file
         are skipped (``SEEK_DATA``/``SEEK_HOLE``); without that support, the whole range."""
         yield from _data_ranges(self.fd, start, end)
 
-    def readv_at(self, buffers: list, offset: int, nowait: bool = False) -> bool:
+    def readv_at(self, buffers: list[memoryview], offset: int, nowait: bool = False) -> bool:
         """Scatter the file's bytes from ``offset`` into ``buffers`` with one ``preadv``.
 
         Returns False, having read nothing useful, if that call came back short (the caller
         then reads another way); errors and ``nowait`` behave as in :meth:`readinto_at`.
         """
         want = sum(len(b) for b in buffers)
-        if nowait and _RWF_NOWAIT is None:
-            raise WouldBlock
+        flags = 0
+        if nowait:
+            if _RWF_NOWAIT is None:
+                raise WouldBlock
+            flags = _RWF_NOWAIT
         try:
-            n = os.preadv(self.fd, buffers, offset, _RWF_NOWAIT) if nowait else os.preadv(self.fd, buffers, offset)
+            n = os.preadv(self.fd, buffers, offset, flags)
         except OSError as e:
             if nowait:
                 raise WouldBlock from None
@@ -162,10 +167,10 @@ class FileSource:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -184,7 +189,7 @@ _MIN_BUFFER = 64 << 10
 class _Bounce(threading.local):
     """One thread's aligned bounce buffer and the file range it currently holds."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buf: mmap.mmap | None = None
         self.view: memoryview | None = None
         self.lo = 0     # file offset of view[0]
@@ -223,7 +228,7 @@ class DirectFileSource:
     least the page size) for devices with larger logical blocks.
     """
 
-    def __init__(self, path: str | os.PathLike, fd: int | None = None, *, align: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None, *, align: int | None = None):
         self.path = os.fspath(path)
         self.fd = -1
         a = DIRECT_ALIGN if align is None else int(align)
@@ -287,11 +292,12 @@ class DirectFileSource:
             t.lo = t.hi = 0
         return t
 
-    def _fill(self, lo: int, hi: int, t: _Bounce) -> None:
+    def _fill(self, lo: int, hi: int, t: _Bounce | _Window) -> None:
         """Read aligned ``[lo, align_up(hi))`` into ``t`` (shorter only at end of file)."""
         mask = self._mask
         need = ((hi + mask) & ~mask) - lo
         view = t.view
+        assert view is not None  # a _Bounce from _bounce(), which gives it a buffer
         t.lo = t.hi = lo
         got = 0
         try:
@@ -313,7 +319,7 @@ class DirectFileSource:
             raise ImageIOError(f"read of {need} bytes at {lo:#x} in {self.path} failed: "
                                f"{e.strerror}", e.errno) from None
 
-    def data_ranges(self, start: int, end: int):
+    def data_ranges(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """As :meth:`FileSource.data_ranges`."""
         yield from _data_ranges(self.fd, start, end)
 
@@ -373,7 +379,7 @@ class DirectFileSource:
                 self._spare = old
         return True
 
-    def _read(self, offset: int, size: int, sink) -> int:
+    def _read(self, offset: int, size: int, sink: Callable[[int, memoryview], None]) -> int:
         """Pass the file's bytes ``[offset, offset+size)`` to ``sink(pos, view)`` piece by
         piece; return how many there were (fewer only at end of file)."""
         if offset < 0:
@@ -407,6 +413,7 @@ class DirectFileSource:
                 if (took or sequential) and t.hi - t.lo >= self._window // 2:
                     self._prefetch(t.hi)
             stop = min(end, t.hi)
+            assert t.view is not None  # it holds [t.lo, t.hi), which is not empty here
             sink(pos - offset, t.view[pos - t.lo : stop - t.lo])
             pos = stop
         return pos - offset
@@ -450,8 +457,8 @@ class DirectFileSource:
         # Drops every thread's buffer once no read is using it.
         self._tls = _Bounce()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

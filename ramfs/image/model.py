@@ -8,12 +8,14 @@ the RAM encoding by the stream's capabilities, then gives each RAM block a run i
 
 from __future__ import annotations
 
+import io
 import os
 import xml.etree.ElementTree as ET
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Self, cast
 
 from ramfs import __version__
 from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError,
@@ -38,6 +40,25 @@ _IOV_PAGES = 500  # pages per preadv: two iovecs each, under Linux's IOV_MAX of 
 # Pages per span of the populated-page lookup tables (RamBlock.populated_spans): one index
 # chunk, 4 KiB of bitmap.
 SPAN_PAGES = CHUNK_PAGES
+
+
+class ImageFile(Protocol):
+    """What an image is read through: a :class:`FileSource`, a ``DirectFileSource``
+    (O_DIRECT), or a qcow2 snapshot's VM state (``ramfs.image.qcow2.VmstateSource``).
+    ``readv_at`` is optional: :meth:`Image._gather` uses it where present."""
+
+    path: str
+    fd: int
+    size: int
+    stat: os.stat_result
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
+
+    def readinto_at(self, buf: memoryview, offset: int, nowait: bool = False) -> None: ...
+
+    def data_ranges(self, start: int, end: int) -> Iterator[tuple[int, int]]: ...
+
+    def close(self) -> None: ...
 
 
 class RamBlock:
@@ -102,6 +123,7 @@ class MappedRamBlock(RamBlock):
     def __init__(self, record: RamBlockRecord, page_size: int, bitmap: Bitmap):
         super().__init__(record, page_size, bitmap.populated_count(record.used_length // page_size))
         self.bitmap = bitmap
+        assert record.mapped is not None  # load_bitmap refused a block without its mapped-ram header
         self.pages_offset = record.mapped.pages_offset
 
     def populated_spans(self) -> Iterator[tuple[int, int, int]]:
@@ -133,7 +155,7 @@ class IndexedBlock(RamBlock):
         super().__init__(record, page_size, index.populated(record.index))
         self._index = index
 
-    def _data_runs(self, first: int, last: int):
+    def _data_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int, array[int]]]:
         """``(start, stop, base, offsets)`` for the runs of populated pages in ``[first,
         last)``, chunk by chunk: ``offsets[page - base]`` is a page's payload offset."""
         b = self.index
@@ -146,11 +168,12 @@ class IndexedBlock(RamBlock):
             bits = idx.chunk_bits(b, no)
             if bits is not None:
                 offs = idx.chunk(b, no)
+                assert offs is not None  # a chunk and its bitmap are made and loaded together (PageIndex)
                 for a, z in set_runs(bits, p - base, chunk_end - base):
                     yield base + a, base + z, base, offs
             p = chunk_end
 
-    def page_runs(self, first, last):
+    def page_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int | None]]:
         pos = first
         for a, z, base, offs in self._data_runs(first, last):
             if a > pos:
@@ -191,7 +214,7 @@ class IndexedBlock(RamBlock):
                 pg += m
         return out
 
-    def populated_spans(self):
+    def populated_spans(self) -> Iterator[tuple[int, int, int]]:
         for no in sorted(self._index.chunks[self.index]):
             base = no << CHUNK_SHIFT  # an index chunk is one span
             b = min(base + SPAN_PAGES, self.num_pages)
@@ -214,7 +237,9 @@ class IndexedBlock(RamBlock):
             base = no << CHUNK_SHIFT
             lo, hi = max(first - base, 0), min(1 << CHUNK_SHIFT, last - base)
             if lo < hi:
-                for a, z in set_runs(self._index.chunk_bits(self.index, no), lo, hi):
+                bits = self._index.chunk_bits(self.index, no)
+                assert bits is not None  # a chunk and its bitmap are made and loaded together (PageIndex)
+                for a, z in set_runs(bits, lo, hi):
                     yield base + a, base + z
 
 
@@ -229,8 +254,8 @@ class Device:
 class Image:
     """An open save image. Thread-safe for reads (``pread`` only)."""
 
-    def __init__(self, path: str, source: FileSource, libvirt: LibvirtMetadata | None,
-                 layout: StreamLayout, blocks: list[RamBlock], data: FileSource | None,
+    def __init__(self, path: str, source: ImageFile, libvirt: LibvirtMetadata | None,
+                 layout: StreamLayout, blocks: list[RamBlock], data: ImageFile | None,
                  warnings: list[str], cached: bool):
         self.path = path
         self.source = source
@@ -323,6 +348,7 @@ class Image:
     def _gather(self, view: memoryview, pieces: list[tuple[int, int, int, int]], nowait: bool = False,
                 ps: int = 4096) -> None:
         data = self.data
+        assert data is not None  # read() refuses an image opened for its description only
         i = 0
         n = len(pieces)
         while i < n:
@@ -357,10 +383,10 @@ class Image:
             if j == i + 1:
                 data.readinto_at(view[dst : dst + length], foff, nowait)
             else:
-                span = bytearray(span_end - foff)
-                data.readinto_at(memoryview(span), foff, nowait)
+                joined = bytearray(span_end - foff)
+                data.readinto_at(memoryview(joined), foff, nowait)
                 for d, f, ln, _ in pieces[i:j]:
-                    view[d : d + ln] = span[f - foff : f - foff + ln]
+                    view[d : d + ln] = joined[f - foff : f - foff + ln]
             i = j
 
     def close(self) -> None:
@@ -368,18 +394,18 @@ class Image:
             self.data.close()
         self.source.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _int(v) -> int:
+def _int(v: object) -> int:
     return v if isinstance(v, int) else -1
 
 
-def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = None, use_cache: bool = True,
+def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None, use_cache: bool = True,
                reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
                fd: int | None = None, progress: Callable[[int, int], None] | None = None,
                snapshot: str | None = None) -> Image:
@@ -406,7 +432,7 @@ def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
     if direct_io:
         # O_DIRECT: the scan and every read bypass the host page cache (for hosts running VMs).
         from ramfs.image.files import DirectFileSource
-        src = DirectFileSource(path, fd)
+        src: ImageFile = DirectFileSource(path, fd)
     else:
         src = FileSource(path, fd)
     try:
@@ -416,10 +442,11 @@ def open_image(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
         raise
 
 
-def _open(path, src, cdir, use_cache, reads, allow_partial, progress=None) -> Image:
+def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, allow_partial: bool,
+          progress: Callable[[int, int], None] | None = None) -> Image:
     head = src.read_at(0, max(LIBVIRT_HEADER_SIZE, 16))
     warnings: list[str] = []
-    meta = None
+    meta: LibvirtMetadata | None = None
     base = 0
     if is_libvirt_magic(head):
         meta = parse_metadata(src, allow_partial=allow_partial)
@@ -448,8 +475,8 @@ def _open(path, src, cdir, use_cache, reads, allow_partial, progress=None) -> Im
         raise FormatError("no QEMU stream (QEVM) where the libvirt header says it starts", base)
     key = image_key(path, src.stat)
     idx_path = cdir / "index" / f"{key}.idx"
-    layout = None
-    index = None
+    layout: StreamLayout | None = None
+    index: PageIndex | None = None
     cached = False
     if use_cache and _exists(idx_path):
         try:
@@ -461,7 +488,7 @@ def _open(path, src, cdir, use_cache, reads, allow_partial, progress=None) -> Im
             index = layout = None
     if layout is None:
         holder: list[PageIndex] = []
-        scan = _Counting(src, lambda pos: progress(pos, src.size)) if progress else src
+        scan: Source = _Counting(src, lambda pos: progress(pos, src.size)) if progress else src
         layout = _parse_with_index(scan, base, holder)
         index = None if layout.mapped_ram else holder[0]
         if index is not None and use_cache:
@@ -483,7 +510,7 @@ def _check_format_matches(meta: LibvirtMetadata, layout: StreamLayout, warnings:
                         f"mapped-ram: libvirt could not restore it")
 
 
-def _raw_reader(path: str, src):
+def _raw_reader(path: str, src: ImageFile) -> io.BufferedReader:
     """A buffered file object on the image for a decompressor, through our descriptor (the
     path is never looked up again: it may have been swapped, or not be ours to open under
     --user). Reopened through /proc when possible, since an O_DIRECT descriptor shares its
@@ -501,7 +528,7 @@ def _raw_reader(path: str, src):
 class _Counting:
     """A source that reports how far a forward scan has read."""
 
-    def __init__(self, src, report: Callable[[int], None]):
+    def __init__(self, src: Source, report: Callable[[int], None]):
         self._src = src
         self._report = report
         self.size = src.size
@@ -529,29 +556,32 @@ def _parse_with_index(src: Source, base: int, holder: list[PageIndex]) -> Stream
     return layout
 
 
-def _save_index(index, idx_path, layout, warnings) -> None:
+def _save_index(index: PageIndex, idx_path: Path, layout: StreamLayout, warnings: list[str]) -> None:
     try:
         index.save(idx_path, layout, {"ramfs": __version__})
     except OSError as e:
         warnings.append(f"could not write the index cache {idx_path}: {e.strerror}")
 
 
-def _make_blocks(src, layout: StreamLayout, index: PageIndex | None, warnings: list[str]) -> list[RamBlock]:
+def _make_blocks(src: ImageFile, layout: StreamLayout, index: PageIndex | None, warnings: list[str]) -> list[RamBlock]:
     blocks: list[RamBlock] = []
     for rec in layout.blocks:
         if layout.mapped_ram:
-            bitmap = load_bitmap(src, rec)
+            # load_bitmap is annotated for FileSource; it uses only size, read_at and data_ranges.
+            bitmap = load_bitmap(cast(FileSource, src), rec)
             extra = bitmap.bits_beyond(rec.used_length // layout.page_size)
             if extra:
                 warnings.append(f"bitmap of {rec.idstr!r} has {extra} bits set past its "
                                 f"{rec.used_length // layout.page_size} pages (ignored)")
             blocks.append(MappedRamBlock(rec, layout.page_size, bitmap))
         else:
+            assert index is not None  # a sequential stream is always opened with its page index
             blocks.append(IndexedBlock(rec, layout.page_size, index))
     return blocks
 
 
-def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress=None) -> Image:
+def _open_compressed(path: str, src: ImageFile, meta: LibvirtMetadata, cdir: Path, use_cache: bool, reads: bool,
+                     warnings: list[str], progress: Callable[[int, int], None] | None = None) -> Image:
     fmt = meta.header.effective_format
     key = image_key(path, src.stat)
     idx_path = cdir / "index" / f"{key}.idx"
@@ -565,9 +595,9 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress
             return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), True)
         except (CacheError, ImageIOError) as e:
             warnings.append(f"ignored cached decompression: {e}")
-    spool = None
+    spool: SparseSpool | None = None
     fd = -1
-    tmp = None
+    tmp: Path | None = None
     if reads:
         if not use_cache:
             raise RamfsError(f"{path}: reading a {fmt.label}-compressed image needs the cache")
@@ -582,12 +612,14 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress
         raw = _raw_reader(path, src)
         raw.seek(meta.header.stream_offset)
         with Decompressor(path, meta.header.stream_offset, fmt, fileobj=raw) as dec:
-            read = dec.read
+            read: Callable[[int], bytes] = dec.read
             if progress:
-                def read(n, _read=dec.read, _raw=raw, _total=src.size):
+                def counted(n: int, _read: Callable[[int], bytes] = dec.read, _raw: io.BufferedReader = raw,
+                            _total: int = src.size) -> bytes:
                     data = _read(n)
                     progress(_raw.tell(), _total)
                     return data
+                read = counted
             stream = ForwardSource(read, tee=spool.write_at if spool else None)
             conf = parse_configuration(stream, 0)
             if conf is not None and CAP_MAPPED_RAM in conf.capabilities:
@@ -602,6 +634,7 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress
             # Description only: page offsets point into a stream we did not keep.
             blocks = [IndexedBlock(rec, layout.page_size, holder[0]) for rec in layout.blocks]
             return Image(path, src, meta, layout, blocks, None, warnings + list(layout.warnings), False)
+        assert tmp is not None  # made with the spool
         try:
             spool.finish()
             os.close(fd)
@@ -621,7 +654,7 @@ def _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress
             tmp.unlink(missing_ok=True)
 
 
-def domain_identity(xml: str | None) -> dict | None:
+def domain_identity(xml: str | None) -> dict[str, str | None] | None:
     """Name and UUID from the domain XML, for descriptions; None when absent or unreadable."""
     if not xml:
         return None

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from ramfs.errors import RamfsError
-from ramfs.image.model import Image
+from ramfs.image.model import Image, RamBlock
 
 GiB = 1 << 30
 FOUR_GIB = 4 * GiB
@@ -54,7 +55,7 @@ class PhysMap:
     def size(self) -> int:
         return max((r.gpa + r.length for r in self.ranges), default=0)
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         return {"machine": self.machine, "below_4g": self.below_4g,
                 "ranges": [{"gpa": r.gpa, "length": r.length, "block_offset": r.block_offset,
                             "block": r.block} for r in self.ranges],
@@ -136,7 +137,8 @@ UNPLACEABLE_MODELS = {
 }
 
 
-def _layout_of(image: Image, numa: tuple[str, ...] | None, devices: dict[str, int] | None):
+def _layout_of(image: Image, numa: tuple[str, ...] | None, devices: dict[str, int] | None
+               ) -> tuple[list[RamBlock], dict[str, int], dict[str, str], list[str]]:
     """(the blocks that make the machine's RAM in NUMA node order, where each memory device
     goes, why the others are left out, warnings), from the options, else the domain XML,
     else what the save says unambiguously. Never a guess: a block whose place cannot be
@@ -269,7 +271,7 @@ def phys_map(image: Image, below_4g: int | None = None, *, numa: tuple[str, ...]
             omitted.append((blk.idstr, "address set by the guest or a device (PCI BAR, option ROM, "
                                        "fw_cfg); not described by the saved state"))
     ranges.sort(key=lambda r: r.gpa)
-    for a, b in zip(ranges, ranges[1:]):
-        if a.gpa + a.length > b.gpa:
-            raise RamfsError(f"guest-physical ranges overlap at {b.gpa:#x} (is --below-4g right?)")
+    for prev, nxt in zip(ranges, ranges[1:]):
+        if prev.gpa + prev.length > nxt.gpa:
+            raise RamfsError(f"guest-physical ranges overlap at {nxt.gpa:#x} (is --below-4g right?)")
     return PhysMap(tuple(ranges), tuple(omitted), machine, split_used, tuple(warnings))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 from array import array
+from collections.abc import Iterator
+from typing import Self
 
 from ramfs.errors import FormatError, ImageIOError, TruncatedError, UnsupportedError
 from ramfs.format.qcow2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
@@ -94,7 +96,7 @@ class VmstateSource:
                 self._hosts.append(host)
 
     # -- reads ---------------------------------------------------------------------------
-    def _runs(self, offset: int, size: int):
+    def _runs(self, offset: int, size: int) -> Iterator[tuple[int | None, int]]:
         """``(host offset or None, length)`` covering ``[offset, offset+size)`` of the state."""
         end = min(offset + size, self.size)
         pos = offset
@@ -142,15 +144,16 @@ class VmstateSource:
         else:
             self.file.readinto_at(view, host, nowait)
 
-    def readv_at(self, buffers: list, offset: int, nowait: bool = False) -> bool:
+    def readv_at(self, buffers: list[memoryview], offset: int, nowait: bool = False) -> bool:
         for b in buffers:
             mv = memoryview(b)
             self.readinto_at(mv, offset, nowait)
             offset += len(mv)
         return True
 
-    def data_ranges(self, start: int, end: int):
-        pos, a = start, None
+    def data_ranges(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        pos: int = start
+        a: int | None = None
         for host, n in self._runs(start, end - start):
             if host is not None and a is None:
                 a = pos
@@ -164,14 +167,14 @@ class VmstateSource:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def snapshots_with_state(path: str | os.PathLike) -> list[Snapshot]:
+def snapshots_with_state(path: str | os.PathLike[str]) -> list[Snapshot]:
     """The snapshots of a qcow2 file that have VM state (what a mount shows)."""
     with FileSource(os.fspath(path)) as f:
         h = parse_header(f)

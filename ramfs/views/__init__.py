@@ -28,7 +28,8 @@ from ramfs.image.model import Image, RamBlock
 class View(Protocol):
     size: int
 
-    def read(self, offset: int, size: int, nowait: bool = False) -> bytes: ...
+    # bytearray: a RAM block's bytes as Image.read returns them, not copied again.
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytes | bytearray: ...
 
     def has_data(self, offset: int, size: int) -> bool: ...
 
@@ -43,7 +44,7 @@ class BlockView:
         self.block = block
         self.size = block.used_length
 
-    def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
+    def read(self, offset: int, size: int, nowait: bool = False) -> bytearray:
         return self.image.read(self.block, offset, size, nowait)
 
     def has_data(self, offset: int, size: int) -> bool:

@@ -19,13 +19,20 @@ in ``dump_init`` and ``write_elf64_notes``), target/i386/arch_dump.c
 from __future__ import annotations
 
 import bisect
+import enum
 import logging
 import struct
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ramfs.errors import RamfsError
 from ramfs.views.phys import PhysView
+
+if TYPE_CHECKING:
+    from ramfs.format.vmstate import Aarch64CpuState, CpuState, DeviceState, VmcoreinfoState
+    from ramfs.image.model import Image
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,13 @@ MAX_GUEST_NOTE_SIZE = 1 << 20
 NHDR_SIZE = 12  # Elf64_Nhdr and Elf32_Nhdr alike: namesz, descsz, type (32 bits each)
 FW_CFG_VMCOREINFO_FORMAT_ELF = 1  # as in ramfs.format.vmstate (imported lazily here)
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO\0"
-_AUTO = object()
+
+
+class _Auto(enum.Enum):
+    AUTO = enum.auto()
+
+
+_AUTO = _Auto.AUTO  # ElfCore's vmcoreinfo: decode it from the image
 
 # x86_64_user_regs_struct, in kernel order.
 PRSTATUS_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
@@ -60,13 +73,17 @@ QEMU_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
 class Cpu:
     """What the notes need of one vCPU; anything missing is written as 0."""
 
-    regs: dict = field(default_factory=dict)  # rax.., rip, rflags, cr0..cr4
-    segments: dict = field(default_factory=dict)  # name -> (selector, base, limit, flags)
+    regs: dict[str, int] = field(default_factory=dict)  # rax.., rip, rflags, cr0..cr4
+    # name -> (selector, base, limit, flags)
+    segments: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     n = name + b"\0"
-    pad = lambda b: b + bytes(-len(b) % 4)  # noqa: E731
+
+    def pad(b: bytes) -> bytes:
+        return b + bytes(-len(b) % 4)
+
     return struct.pack("<III", len(n), len(desc), ntype) + pad(n) + pad(desc)
 
 
@@ -88,7 +105,10 @@ def prstatus_i386(cpu: Cpu, index: int) -> bytes:
     note) when the first vCPU is not in long mode: 32-bit registers, 16-bit selectors."""
     r = cpu.regs
     sel = {s: cpu.segments.get(s, (0, 0, 0, 0))[0] & 0xFFFF for s in ("cs", "ss", "ds", "es", "fs", "gs")}
-    g = lambda k: r.get(k, 0) & 0xFFFFFFFF  # noqa: E731
+
+    def g(k: str) -> int:
+        return r.get(k, 0) & 0xFFFFFFFF
+
     regs = struct.pack("<7I8H2I2H2I2H", g("rbx"), g("rcx"), g("rdx"), g("rsi"), g("rdi"), g("rbp"), g("rax"),
                        sel["ds"], 0, sel["es"], 0, sel["fs"], 0, sel["gs"], 0, 0, g("rip"), sel["cs"], 0,
                        g("rflags"), g("rsp"), sel["ss"], 0)
@@ -99,7 +119,7 @@ def prstatus_i386(cpu: Cpu, index: int) -> bytes:
 class Aarch64Cpu:
     """An aarch64 vCPU for the notes (its :class:`~ramfs.format.vmstate.Aarch64CpuState`)."""
 
-    state: object
+    state: Aarch64CpuState
 
 
 def prstatus_aarch64(cpu: Aarch64Cpu, index: int) -> bytes:
@@ -143,7 +163,8 @@ def _round4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
-def guest_note(info, read) -> tuple[bytes | None, str | None]:
+def guest_note(info: VmcoreinfoState | None, read: Callable[[int, int], bytes]
+               ) -> tuple[bytes | None, str | None]:
     """The guest's note as ``dump-guest-memory`` appends it, or ``(None, why not)``.
 
     ``info`` is the vmcoreinfo device's state (:class:`~ramfs.format.vmstate.VmcoreinfoState`,
@@ -182,10 +203,10 @@ def guest_note(info, read) -> tuple[bytes | None, str | None]:
     return bytes(note), None
 
 
-_parsed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_parsed: weakref.WeakKeyDictionary[Image, DeviceState] = weakref.WeakKeyDictionary()
 
 
-def _devices(image):
+def _devices(image: Image) -> DeviceState:
     """``parse_devices`` of an image, decoded once per image (cpus_of and vmcoreinfo_of both
     need it; an image whose device state does not decode raises each time)."""
     from ramfs.format.vmstate import parse_devices
@@ -194,6 +215,7 @@ def _devices(image):
     except TypeError:  # not weakly referenceable
         hit = None
     if hit is None:
+        assert image.data is not None  # callers return early without it
         hit = parse_devices(image.data, image.layout)
         try:
             _parsed[image] = hit
@@ -202,7 +224,7 @@ def _devices(image):
     return hit
 
 
-def vmcoreinfo_of(image):
+def vmcoreinfo_of(image: Image) -> VmcoreinfoState | None:
     """The image's vmcoreinfo device state (present, paddr, size...), or None when it has no
     such device or its device state cannot be decoded."""
     from ramfs.format.vmstate import vmcoreinfo_state
@@ -222,7 +244,8 @@ class ElfCore:
     when there is none, ``guest_note_skipped`` says why).
     """
 
-    def __init__(self, view: PhysView, cpus: list[Cpu], vmcoreinfo=_AUTO):
+    def __init__(self, view: PhysView, cpus: Sequence[Cpu | Aarch64Cpu],
+                 vmcoreinfo: VmcoreinfoState | None | _Auto = _AUTO):
         self.view = view
         self.vmcoreinfo = vmcoreinfo_of(view.image) if vmcoreinfo is _AUTO else vmcoreinfo
         self.guest_note, self.guest_note_skipped = guest_note(self.vmcoreinfo, view.read)
@@ -238,14 +261,16 @@ class ElfCore:
             # target/arm/arch_dump.c aarch64_write_elf64_note: per vCPU a prstatus and the
             # FP/SIMD registers, no QEMU CPU-state note.
             machine = EM_AARCH64
+            arm = [c for c in cpus if isinstance(c, Aarch64Cpu)]  # all of them: one target
             notes = b"".join(_note(b"CORE", NT_PRSTATUS, prstatus_aarch64(c, i))
-                             + _note(b"CORE", NT_PRFPREG, prfpreg_aarch64(c)) for i, c in enumerate(cpus))
+                             + _note(b"CORE", NT_PRFPREG, prfpreg_aarch64(c)) for i, c in enumerate(arm))
         else:
-            lma = long_mode(cpus)
+            x86 = [c for c in cpus if isinstance(c, Cpu)]  # all of them: one target
+            lma = long_mode(x86)
             machine = EM_X86_64 if lma else EM_386
             status = prstatus if lma else prstatus_i386
             notes = b"".join(_note(b"CORE", NT_PRSTATUS, status(c, i))
-                             + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c)) for i, c in enumerate(cpus))
+                             + _note(b"QEMU", QEMU_NOTE_TYPE, qemu_cpu_state(c)) for i, c in enumerate(x86))
         notes += self.guest_note or b""  # write_elf64_notes: after every vCPU's notes
         phnum = 1 + len(segments)
         notes_off = EHDR.size + phnum * PHDR.size
@@ -267,7 +292,7 @@ class ElfCore:
         self.size = off
         self.segments = segments
 
-    def _pieces(self, offset: int, end: int):
+    def _pieces(self, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
         """``(file offset, length, guest-physical address)`` of the PT_LOAD data in [offset, end)."""
         i = max(0, bisect.bisect_right(self._file_starts, offset) - 1)
         while offset < end and i < len(self._segments):
@@ -288,7 +313,7 @@ class ElfCore:
             return True
         return any(self.view.has_data(gpa, n) for _, n, gpa in self._pieces(offset, end))
 
-    def populated_ranges(self):
+    def populated_ranges(self) -> Iterator[tuple[int, int]]:
         """File ``(start, end)`` ranges that hold data: the header and notes, then the
         populated guest-physical ranges where their PT_LOADs put them."""
         yield 0, len(self.header)
@@ -320,13 +345,13 @@ class ElfCore:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def cpus_of(image) -> list[Cpu]:
+def cpus_of(image: Image) -> list[Cpu | Aarch64Cpu]:
     """The vCPUs of an image for the notes, decoded from its device state (vmdesc-driven).
 
     An image whose device state cannot be decoded still gets a core: one vCPU whose
     registers are all 0, so that the memory stays usable.
     """
-    from ramfs.format.vmstate import guest_cpus
+    from ramfs.format.vmstate import Aarch64CpuState, CpuState, guest_cpus
     if image.data is None:
         return [Cpu()]
     try:
@@ -334,11 +359,11 @@ def cpus_of(image) -> list[Cpu]:
     except RamfsError:
         return [Cpu()]
     if target == "aarch64":
-        return [Aarch64Cpu(s) for s in states]
-    return [cpu_from_state(s) for s in states] or [Cpu()]
+        return [Aarch64Cpu(s) for s in states if isinstance(s, Aarch64CpuState)]
+    return [cpu_from_state(s) for s in states if isinstance(s, CpuState)] or [Cpu()]
 
 
-def cpu_from_state(s) -> Cpu:
+def cpu_from_state(s: CpuState) -> Cpu:
     regs = {k: v for k, v in (s.regs or {}).items() if v is not None}
     for name, attr in (("rip", "rip"), ("rflags", "rflags"), ("cr0", "cr0"), ("cr2", "cr2"),
                        ("cr3", "cr3"), ("cr4", "cr4"), ("kernel_gs_base", "kernelgsbase"), ("efer", "efer")):

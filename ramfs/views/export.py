@@ -27,6 +27,7 @@ import json
 import struct
 import threading
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ramfs.errors import FormatError, UnsupportedError
@@ -74,11 +75,11 @@ class _Records:
         self.first = 8 + len(self.name) + ps  # the record that names the block
         self.rec = 8 + ps
         self.end = start + (self.first + (n - 1) * self.rec if n else 0)
-        self._spans: tuple[array, array] | None = None
-        self._span_runs: tuple[int, array, array] | None = None
+        self._spans: tuple[array[int], array[int]] | None = None
+        self._span_runs: tuple[int, array[int], array[int]] | None = None
         self._lock = threading.Lock()
 
-    def _span_table(self) -> tuple[array, array]:
+    def _span_table(self) -> tuple[array[int], array[int]]:
         """The first page of each span of the block that holds data and the count of
         populated pages before it (spans of 32768 pages, counted by popcount), built on the
         first read. A record number maps to a span by bisection, then to a page through that
@@ -101,7 +102,7 @@ class _Records:
                 table = self._spans
         return table
 
-    def _runs_of_span(self, i: int, first: int) -> tuple[array, array]:
+    def _runs_of_span(self, i: int, first: int) -> tuple[array[int], array[int]]:
         """Run starts and page counts before each, within span ``i`` (the last one kept:
         reads come in order)."""
         held = self._span_runs
@@ -198,7 +199,7 @@ class SequentialExport:
             raise UnsupportedError("the image's device state could not be delimited")
         self.image = image
         ps = lay.page_size
-        segs: list = []
+        segs: list[_Bytes | _Records | _Stream] = []
         pos = 0
 
         def add_bytes(data: bytes) -> None:
@@ -255,7 +256,7 @@ class SequentialExport:
     def has_data(self, offset: int, size: int) -> bool:
         return True  # a stream: every byte is a header or payload byte
 
-    def populated_ranges(self):
+    def populated_ranges(self) -> Iterator[tuple[int, int]]:
         yield 0, self.size
 
     def read(self, offset: int, size: int, nowait: bool = False) -> bytes:
@@ -264,7 +265,7 @@ class SequentialExport:
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         end = min(offset + size, self.size)
-        parts = []
+        parts: list[bytes | bytearray] = []
         i = max(0, bisect.bisect_right(self._starts, offset) - 1)
         pos = offset
         while pos < end and i < len(self.segments):
@@ -275,6 +276,7 @@ class SequentialExport:
                     parts.append(s.data[pos - s.start:stop - s.start])
                 elif isinstance(s, _Stream):
                     buf = bytearray(stop - pos)
+                    assert self.image.data is not None  # an export is made of an image opened to read
                     self.image.data.readinto_at(memoryview(buf), s.offset + pos - s.start, nowait)
                     parts.append(buf)
                 else:

@@ -47,7 +47,7 @@ class PhysView:
         """``nowait`` as for :meth:`Image.read`: only from the page cache, else WouldBlock."""
         if gpa >= self.size or size <= 0:
             return b""
-        parts = []
+        parts: list[bytes | bytearray] = []
         for pos, n, r in self._pieces(gpa, size):
             if r is None:
                 parts.append(bytes(n))

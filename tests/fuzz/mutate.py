@@ -71,7 +71,9 @@ def _values(case: Case, b: Blob, f: Field, rng) -> list[int]:
     elif role == "rechdr":
         flags = orig & (ps - 1)
         addr = orig - flags
-        vals += [addr | (flags ^ (1 << rng.randrange(12))), addr | rng.choice([0x1, 0x40, 0x80, 0x100, 0x200, 0x400, 0x800, 0xA, 0x2A, 0x28, 0x22, 0x10, 0x30, 0x4]),
+        vals += [addr | (flags ^ (1 << rng.randrange(12))),
+                 addr | rng.choice([0x1, 0x40, 0x80, 0x100, 0x200, 0x400, 0x800,
+                                    0xA, 0x2A, 0x28, 0x22, 0x10, 0x30, 0x4]),
                  flags | (1 << 40), flags | (1 << 26), flags | (addr + ps), flags | ((1 << 63) & ~(ps - 1)),
                  orig ^ 0x20]
     elif role == "flags":
@@ -242,7 +244,8 @@ JSON_BAD = [
     lambda rng: b'{"page_size": ' + b"9" * rng.choice([100, 4300, 5000, 100000]) + b"}",
     lambda rng: b'{"page_size": 1e999, "devices": [1, "x", null, {"name": 5}]}',
     lambda rng: b'{"page_size": NaN, "devices": {"name": "x"}}',
-    lambda rng: b'{"page_size": "4096", "devices": [{"name": [], "instance_id": "0", "version": 1.5, "vmsd_name": {}}]}',
+    lambda rng: (b'{"page_size": "4096", "devices": '
+                 b'[{"name": [], "instance_id": "0", "version": 1.5, "vmsd_name": {}}]}'),
     lambda rng: b"[]",
     lambda rng: b"null",
     lambda rng: b"",
@@ -270,7 +273,9 @@ def op_json(case: Case, rng, **kw) -> str | None:
         new = raw[:rng.randrange(len(raw) + 1)]
     elif mode == 2:
         i = rng.randrange(len(raw) + 1)
-        new = raw[:i] + rng.choice([b"\0", b"\xff", b"]", b"{", b'"', b"\\", b"\x06\x00\x00\x00\x01", b"9" * 5000]) + raw[i:]
+        new = (raw[:i]
+               + rng.choice([b"\0", b"\xff", b"]", b"{", b'"', b"\\", b"\x06\x00\x00\x00\x01", b"9" * 5000])
+               + raw[i:])
     else:
         new = raw.replace(b'"page_size": 4096', rng.choice([b'"page_size": 8192', b'"page_size": "x"',
                                                             b'"page_size": null', b'"page_size": -1']))
@@ -353,7 +358,8 @@ def op_json_tree(case: Case, rng, **kw) -> str | None:
 XML_BAD = [
     b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
     b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">'
-    b'<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">]><domain><name>&f;</name></domain>',
+    b'<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">]>'
+    b'<domain><name>&f;</name></domain>',
     b'<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]><domain><name>&x;</name></domain>',
     b"<domain>" + b"<a>" * 20000 + b"</a>" * 20000 + b"</domain>",
     b"<domain><name>\xff\xfe</name></domain>",
@@ -598,7 +604,7 @@ def mutate(case: Case, rng, donors: list[Case], heavy: bool = True) -> Case:
     while done < n and tries < 4 * n:
         tries += 1
         x = rng.random() * _TOTAL
-        for w, op in OPS:
+        for w, op in OPS:  # noqa: B007 (op is the one picked: used after the loop)
             x -= w
             if x < 0:
                 break
