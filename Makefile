@@ -38,25 +38,25 @@ test: deps-test venv
 demo: deps venv
 	@bash scripts/demo.sh $(PY)
 
-# Benchmarks against FUSE/disk/QEMU ceilings (issue #10): writes docs/performance.md.
+# Benchmarks against FUSE/disk/QEMU ceilings: writes docs/performance.md.
 # BENCH_SIZES=4,8 (GiB of guest RAM), RAMFS_BENCH_CACHE=/var/tmp/ramfs-bench (cached images).
 .PHONY: bench
 bench: venv
 	$(PY) bench/run.py
 
-# Load and crash tests at full length (issue #6): 16 readers for 60 s during conversions,
+# Load and crash tests at full length: 16 readers for 60 s during conversions,
 # the writer killed at 50 random points.
 .PHONY: stress
 stress: deps-test venv
 	RAMFS_STRESS_SECONDS=60 RAMFS_KILL_POINTS=50 $(PY) -m pytest -q -s tests/test_stress.py \
 		tests/test_crash_safety.py -k "concurrent or random_points"
 
-# The structure-aware fuzzer at full length (issue #6); make test runs a short bounded run.
+# The structure-aware fuzzer at full length; make test runs a short bounded run.
 .PHONY: fuzz
 fuzz: deps-test venv
 	$(PY) scripts/fuzz.py --cases 100000 --seed 1
 
-# Volatility 3 and crash on four views of the Linux fixture (issue #16; docs/forensics.md,
+# Volatility 3 and crash on four views of a Linux guest (docs/forensics.md,
 # Testing). Opt-in, not part of make test: fetches an 858 MB debug kernel on the first run.
 # IMAGE=..., QEMU_IMAGE=..., SYMBOLS=... (an ISF directory), VMLINUX=...; cache in
 # RAMFS_FORENSICS_CACHE (default /var/tmp/ramfs-forensics).

@@ -1,4 +1,4 @@
-"""ramfs benchmarks (issue #10): image generator, FUSE ceilings, measurements, report.
+"""ramfs benchmarks: image generator, FUSE ceilings, measurements, report.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/run.py --help``). See bench/README.md.
 """

@@ -1,4 +1,4 @@
-"""The benchmarks of issue #10. Each function measures one thing, ramfs and its ceilings in the
+"""The benchmarks. Each function measures one thing, ramfs and its ceilings in the
 same run, and appends plain numbers to ``ctx.results``; bench/report.py turns them into tables.
 
 "cold" always means: dirty data written back and the page cache dropped (``sync``, then

@@ -28,7 +28,7 @@ def _table(head: list[str], rows: list[list]) -> str:
 # ------------------------------------------------------------------------------ targets
 
 def targets(res: dict) -> list[dict]:
-    """Every target of issue #10, computed from this run's numbers (worst case wins). A group
+    """Every target, computed from this run's numbers (worst case wins). A group
     whose numbers are missing (its section failed) is reported as not evaluated."""
     out: list[dict] = []
 
@@ -269,7 +269,7 @@ def render(res: dict) -> str:
         for sec, err in res["errors"].items():
             s.append(f"* `{sec}`: {err}")
         s.append("")
-    s.append("## Targets (issue #10)\n")
+    s.append("## Targets\n")
     rows = []
     for t in res["targets"]:
         if t["value"] != t["value"]:  # NaN: its section failed

@@ -1,4 +1,4 @@
-"""Run the ramfs benchmarks (issue #10) and write docs/performance.md.
+"""Run the ramfs benchmarks and write docs/performance.md.
 
     .venv/bin/python bench/run.py [--sizes 4,8] [--only SECTION,...] [--out docs/performance.md]
 

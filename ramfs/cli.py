@@ -335,8 +335,15 @@ def _write_phys_view(args: argparse.Namespace, as_core: bool) -> int:
     return EXIT_OK
 
 
-# libvirt's compressors (virQEMUSaveDataFormat): the program it pipes the stream through.
-EXPORT_FORMATS = {"raw": None, "gzip": "gzip", "bzip2": "bzip2", "xz": "xz", "lzop": "lzop", "zstd": "zstd"}
+def _export_formats() -> dict[str, str | None]:
+    """``--format`` of export: raw, and libvirt's compressions (virQEMUSaveDataFormat) with
+    the program libvirt pipes the stream through (the same table the reader uses)."""
+    from ramfs.image.decompress import CODECS
+
+    return {"raw": None, **{fmt.label: codec.program for fmt, codec in CODECS.items()}}
+
+
+EXPORT_FORMATS = _export_formats()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Opt-in forensics cross-check (issue #16): ``make forensics``.
+"""Opt-in forensics cross-check: ``make forensics``.
 
     .venv/bin/python scripts/forensics.py [--image IMG] [--symbols DIR] [--vmlinux FILE]
                                           [--qemu-image IMG] [--qemu-args 'ARGS'] [--cache DIR]

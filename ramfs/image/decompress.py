@@ -18,6 +18,7 @@ import subprocess
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Protocol, Self, TypeAlias, cast
 
 import zstandard
@@ -39,6 +40,40 @@ class _Stream(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Codec:
+    """One of libvirt's compressions: the program libvirt pipes the stream through
+    (``<program> -c`` on save, ``-dc`` on restore; also what ``ramfs export`` runs), and the
+    Python reader ramfs decompresses with (None: the program's ``-dc`` as a subprocess)."""
+
+    program: str
+    reader: Callable[[RawFile, Decompressor], _Stream] | None
+
+
+def _xz(raw: RawFile, d: Decompressor) -> _Stream:
+    # LZMAFile takes any binary file object (typeshed says IO[bytes]).
+    return lzma.LZMAFile(cast("IO[bytes]", raw), "rb", format=lzma.FORMAT_XZ)
+
+
+def _zstd(raw: RawFile, d: Decompressor) -> _Stream:
+    d._framing = _ZstdFraming()
+    # zstandard only calls read() on its source.
+    return zstandard.ZstdDecompressor().stream_reader(
+        cast("IO[bytes]", _Tee(raw, d._framing.feed)), read_across_frames=True)
+
+
+#: Every compression ramfs reads, by libvirt's format code: adding one is one row here (and
+#: its code in :class:`ramfs.format.libvirt.SaveFormat`). lzop has its program: no maintained
+#: Python module reads lzop's container.
+CODECS: dict[SaveFormat, Codec] = {
+    SaveFormat.GZIP: Codec("gzip", lambda raw, d: _GzipMembers(raw)),
+    SaveFormat.BZIP2: Codec("bzip2", lambda raw, d: bz2.BZ2File(raw, "rb")),
+    SaveFormat.XZ: Codec("xz", _xz),
+    SaveFormat.LZOP: Codec("lzop", None),
+    SaveFormat.ZSTD: Codec("zstd", _zstd),
+}
+
+
 class Decompressor:
     """``read(n)`` over the decompressed stream of a file region; errors become FormatError."""
 
@@ -57,41 +92,34 @@ class Decompressor:
         self._stream: _Stream | None = None
         self._framing: _ZstdFraming | None = None
         try:
-            if fmt == SaveFormat.GZIP:
-                self._stream = _GzipMembers(self._raw)
-            elif fmt == SaveFormat.BZIP2:
-                self._stream = bz2.BZ2File(self._raw, "rb")
-            elif fmt == SaveFormat.XZ:
-                # LZMAFile takes any binary file object (typeshed says IO[bytes]).
-                self._stream = lzma.LZMAFile(cast("IO[bytes]", self._raw), "rb", format=lzma.FORMAT_XZ)
-            elif fmt == SaveFormat.ZSTD:
-                self._framing = _ZstdFraming()
-                # zstandard only calls read() on its source.
-                self._stream = zstandard.ZstdDecompressor().stream_reader(
-                    cast("IO[bytes]", _Tee(self._raw, self._framing.feed)), read_across_frames=True)
-            elif fmt == SaveFormat.LZOP:
-                prog = shutil.which("lzop")
-                if prog is None:
-                    raise UnsupportedError("lzop-compressed image, but the lzop program is not installed")
-                raw_fd: int | None
-                try:
-                    raw_fd = self._raw.fileno()
-                except (AttributeError, OSError, ValueError):
-                    raw_fd = None
-                has_fd = raw_fd is not None
-                self._proc = subprocess.Popen([prog, "-dc", "--ignore-warn"],
-                                              stdin=raw_fd if raw_fd is not None else subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                if not has_fd:
-                    # A stream without a descriptor (a copy arriving through FUSE): feed lzop.
-                    self._feeder = threading.Thread(target=self._feed, daemon=True)
-                    self._feeder.start()
-                self._stream = self._proc.stdout
-            else:
+            codec = CODECS.get(fmt)
+            if codec is None:
                 raise FormatError(f"format {fmt.label} is not compressed")
+            if codec.reader is not None:
+                self._stream = codec.reader(self._raw, self)
+            else:
+                self._start_program(codec.program)
         except BaseException:
             self.close()
             raise
+
+    def _start_program(self, name: str) -> None:
+        prog = shutil.which(name)
+        if prog is None:
+            raise UnsupportedError(f"{name}-compressed image, but the {name} program is not installed")
+        raw_fd: int | None
+        try:
+            raw_fd = self._raw.fileno()
+        except (AttributeError, OSError, ValueError):
+            raw_fd = None
+        self._proc = subprocess.Popen([prog, "-dc", "--ignore-warn"] if name == "lzop" else [prog, "-dc"],
+                                      stdin=raw_fd if raw_fd is not None else subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if raw_fd is None:
+            # A stream without a descriptor (a copy arriving through FUSE): feed the program.
+            self._feeder = threading.Thread(target=self._feed, daemon=True)
+            self._feeder.start()
+        self._stream = self._proc.stdout
 
     def _feed(self) -> None:
         assert self._proc is not None and self._proc.stdin is not None  # lzop started with stdin=PIPE
@@ -122,7 +150,8 @@ class Decompressor:
             assert self._proc.stderr is not None  # stderr=PIPE
             err = self._proc.stderr.read().decode(errors="replace").strip()
             if self._proc.returncode != 0:
-                raise FormatError(f"corrupt lzop data in the image: lzop says {err or 'error'}")
+                raise FormatError(f"corrupt {self.fmt.label} data in the image: {self.fmt.label} says "
+                                  f"{err or 'error'}")
         return data
 
     def close(self) -> None:

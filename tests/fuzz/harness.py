@@ -700,6 +700,13 @@ def _compressed_format(path: str) -> bool:
 
 # --- regressions --------------------------------------------------------------------------------
 
+def _repo_relative(line: str) -> str:
+    """A traceback line with the repository's path taken out (regressions are committed: they
+    say where in ramfs, not where on the machine that found them)."""
+    line = line.replace(str(Path(__file__).resolve().parents[2]) + os.sep, "")
+    return re.sub(r'"/[^"]*/lib/python3\.\d+/', '"<python>/', line)
+
+
 def save_failure(out_dir: Path, img: Image, failure: Failure, meta: dict) -> Path:
     """``<sha>.bin`` (the file's first segment) and ``<sha>.json`` (what failed, how it was found,
     the rest of the file). An image that fails several ways lists each failure once."""
@@ -709,7 +716,8 @@ def save_failure(out_dir: Path, img: Image, failure: Failure, meta: dict) -> Pat
     j = p.with_suffix(".json")
     p.write_bytes(img.dense)
     entry = {"kind": failure.kind, "step": failure.step, "error": failure.message,
-             "signature": failure.signature, "traceback": failure.detail.splitlines()[-12:]}
+             "signature": failure.signature,
+             "traceback": [_repo_relative(line) for line in failure.detail.splitlines()[-12:]]}
     info = json.loads(j.read_text()) if j.exists() else {"status": "open", "failures": []}
     if all(f["signature"] != failure.signature for f in info["failures"]):
         info["failures"].append(entry)
