@@ -168,6 +168,13 @@ def test_mount_errors_are_one_line(tmp_path, mutable):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert r.stderr.startswith("ramfs: error:")
         assert not os.path.ismount(mp)
+    r = subprocess.run(ramfs_cmd("mount", str(fixture_path("firmware/pc-sequential.img")), str(tmp_path / "nodir")),
+                       capture_output=True, text=True, timeout=60)
+    assert "does not exist (create it first: mkdir -p" in r.stderr  # what is wrong, what to do
+    (tmp_path / "afile").write_text("x")
+    r = subprocess.run(ramfs_cmd("mount", str(fixture_path("firmware/pc-sequential.img")), str(tmp_path / "afile")),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not a directory" in r.stderr
 
 
 def test_unmount_while_readers_are_active(tmp_path):

@@ -80,6 +80,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     # event loop runs would wait for ourselves.
     mountpoint = resolve_mountpoint(mountpoint)
     source = os.path.realpath(source)
+    if not os.path.lexists(mountpoint):
+        raise RamfsError(f"mountpoint {mountpoint} does not exist (create it first: mkdir -p {mountpoint})")
     if not os.path.isdir(mountpoint):
         raise RamfsError(f"mountpoint {mountpoint} is not a directory")
     if _is_mountpoint(mountpoint):
