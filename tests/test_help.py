@@ -49,13 +49,9 @@ def test_man_page_renders_cleanly_and_covers_every_option():
     assert "fuse.ramfs" in text and "EXIT STATUS" in text
 
 
-@pytest.mark.parametrize("words,want", [("ramfs ", "mount"), ("ramfs mo", "mount"), ("ramfs info --js", "--jsonl"),
-                                        ("ramfs mount --dir", "--direct-io")])
-def test_bash_completion_completes(words, want, tmp_path):
-    script = tmp_path / "ramfs.bash"
-    script.write_text(ramfs("completion", "bash").stdout)
-    line = words
-    probe = (f"source {script}\n"
+def bash_complete(script, line: str, cwd=None) -> subprocess.CompletedProcess:
+    """What bash completes for ``line`` with the completion ``script`` sourced (in ``cwd``)."""
+    probe = (f"source {script}\n" + (f"cd {cwd}\n" if cwd else "") +
              f"COMP_LINE='{line}'; COMP_POINT={len(line)}\n"
              f"read -ra COMP_WORDS <<< '{line}'\n"
              f"[[ '{line}' == *' ' ]] && COMP_WORDS+=('')\n"
@@ -63,7 +59,15 @@ def test_bash_completion_completes(words, want, tmp_path):
              "fn=$(complete -p ramfs | sed -E 's/.*-F ([^ ]+).*/\\1/')\n"
              "$fn ramfs \"${COMP_WORDS[COMP_CWORD]}\" \"${COMP_WORDS[COMP_CWORD-1]}\"\n"
              "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
-    r = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("words,want", [("ramfs ", "mount"), ("ramfs mo", "mount"), ("ramfs info --js", "--jsonl"),
+                                        ("ramfs mount --dir", "--direct-io")])
+def test_bash_completion_completes(words, want, tmp_path):
+    script = tmp_path / "ramfs.bash"
+    script.write_text(ramfs("completion", "bash").stdout)
+    r = bash_complete(script, words)
     assert want in r.stdout.split(), r.stdout + r.stderr
 
 
@@ -78,15 +82,7 @@ def test_bash_completion_completes_file_and_directory_names(tmp_path):
     script.write_text(ramfs("completion", "bash").stdout)
 
     def complete(line: str) -> list[str]:
-        probe = (f"source {script}\ncd {work}\n"
-                 f"COMP_LINE='{line}'; COMP_POINT={len(line)}\n"
-                 f"read -ra COMP_WORDS <<< '{line}'\n"
-                 f"[[ '{line}' == *' ' ]] && COMP_WORDS+=('')\n"
-                 "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))\n"
-                 "fn=$(complete -p ramfs | sed -E 's/.*-F ([^ ]+).*/\\1/')\n"
-                 "$fn ramfs \"${COMP_WORDS[COMP_CWORD]}\" \"${COMP_WORDS[COMP_CWORD-1]}\"\n"
-                 "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
-        r = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        r = bash_complete(script, line, cwd=work)
         return sorted(w.rstrip("/") for w in r.stdout.split())
 
     assert complete("ramfs info fw-pc-sp") == ["fw-pc-sparse.img"]

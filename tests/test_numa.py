@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import subprocess
 import sys
 import time
@@ -99,13 +98,9 @@ def _domain_xml(g: Guest, dimms: list[tuple[int, int, int]]) -> str:
 
 
 def _libvirt_wrap(stream: Path, xml: str, out: Path) -> None:
-    """A libvirt raw (format 0) save image around a bare stream: virQEMUSaveHeader, the XML
-    NUL-terminated and padded as libvirt pads it, then the stream."""
-    data = xml.encode() + b"\0"
-    data += bytes(64 * 1024 - len(data) % 4096)
-    header = struct.pack("<16s5I14I", b"LibvirtQemudSave", 2, len(data), 0, 0, 0, *([0] * 14))
+    """A libvirt raw (format 0) save image around a bare stream, as libvirt writes it."""
     with open(out, "wb") as f, open(stream, "rb") as src:
-        f.write(header + data)
+        f.write(qi.libvirt_save_header(xml, qi.LIBVIRT_FORMAT_RAW, cookie=None))
         while chunk := src.read(16 * MiB):
             f.write(chunk)
 

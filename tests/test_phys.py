@@ -146,6 +146,7 @@ def test_core_matches_qemu_dump_guest_memory(tmp_path):
 
 
 def elf_notes(core: bytes) -> dict[tuple[bytes, int], bytes]:
+    """``(name, type) -> desc`` of the PT_NOTE notes."""
     phoff, = struct.unpack_from("<Q", core, 32)
     phnum, = struct.unpack_from("<H", core, 56)
     out = {}

@@ -18,6 +18,7 @@ import pytest
 import qemu_images as qi
 from fixture_data import fixture_path
 from mountutil import mounted
+from test_phys import elf_loads, elf_notes
 
 from ramfs.format.vmstate import FW_CFG_VMCOREINFO_FORMAT_ELF, VmcoreinfoState
 from ramfs.image import open_image
@@ -33,25 +34,6 @@ from ramfs.views.phys import PhysView
 
 MiB = 1 << 20
 VMCOREINFO = (b"VMCOREINFO", 0)
-
-
-def elf_notes(core: bytes) -> dict[tuple[bytes, int], bytes]:
-    """``(name, type) -> desc`` of the PT_NOTE notes (as tests/test_phys.py reads them)."""
-    out = {}
-    for p_type, off, _, size in phdrs(core):
-        pos = off
-        while p_type == 4 and pos < off + size:
-            namesz, descsz, ntype = struct.unpack_from("<III", core, pos)
-            name = core[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-            dpos = pos + 12 + (namesz + 3) // 4 * 4
-            out[(name, ntype)] = core[dpos:dpos + descsz]
-            pos = dpos + (descsz + 3) // 4 * 4
-    return out
-
-
-def elf_loads(core: bytes) -> list[tuple[int, int, int]]:
-    """``(p_paddr, p_offset, p_filesz)`` of the PT_LOADs."""
-    return [(paddr, off, size) for p_type, off, paddr, size in phdrs(core) if p_type == 1]
 
 
 def phdrs(core: bytes) -> list[tuple[int, int, int, int]]:
