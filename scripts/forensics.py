@@ -109,11 +109,36 @@ def decompressed(path: Path, cache: Path) -> Path:
 
 # ---------------------------------------------------------------------------- QEMU's dump
 
+# The device model of the Linux fixture's guest (libvirt domain
+# ramfs-fixture-linux-q35, TCG), from build-notes.json
+# linux.libvirt_qemu_argv_last_restore, minus what only libvirt needs
+# (secrets, fds, sandbox, kernel/initrd: fw_cfg files are not migrated).
+# Its serial port is migrated, so it must exist; its backend does not.
+def linux_q35_libvirt():
+    import qemu_images as qi
+    return qi.MachineArgs(args=(
+        '-machine', 'pc-q35-10.0,usb=off,dump-guest-core=off,memory-backend=pc.ram,acpi=on',
+        '-accel', 'tcg',
+        '-cpu', 'qemu64,hypervisor=on,lahf-lm=on',
+        '-m', '128M',
+        '-object', 'memory-backend-ram,id=pc.ram,size=134217728',
+        '-overcommit', 'mem-lock=off',
+        '-smp', '1,sockets=1,cores=1,threads=1',
+        '-uuid', '52414d46-5346-4958-0002-000000000002',
+        '-display', 'none', '-no-user-config', '-nodefaults',
+        '-rtc', 'base=utc', '-no-shutdown', '-boot', 'strict=on',
+        '-chardev', 'null,id=charserial0',
+        '-device', 'isa-serial,chardev=charserial0,id=serial0,index=0',
+        '-global', 'ICH9-LPC.noreboot=off',
+        '-watchdog-action', 'reset',
+    ), ram_bytes=128 << 20)
+
+
 def qemu_dump(image: Path, qemu_args: tuple[str, ...] | None, cache: Path) -> Path:
     import qemu_images as qi
     from ramfs.image import open_image
 
-    machine = qi.LINUX_Q35_LIBVIRT if qemu_args is None else qi.MachineArgs(qemu_args, 1)
+    machine = linux_q35_libvirt() if qemu_args is None else qi.MachineArgs(qemu_args, 1)
     out = cache / "qemu" / (file_key(image, machine.args, qi.qemu_version()) + ".elf")
     if out.exists():
         return out

@@ -24,7 +24,7 @@ busybox, see ``LinuxRecipe``), with QEMU's ``dump-guest-memory`` as the truth.
 Only the standard library is used, and ``ramfs`` is deliberately not
 imported: this module is the independent referee for ramfs.
 
-Facts this relies on (see ``/work/shared/fixtures/README.md``):
+Facts this relies on:
 
 * ``-cpu qemu64,kvmclock=off``: with kvmclock, SeaBIOS registers a pvclock
   page in guest RAM that KVM rewrites right after an incoming migration, so
@@ -246,9 +246,8 @@ class GuestImages:
 class MachineArgs:
     """A guest given by its QEMU command line instead of a ``Recipe``.
 
-    For restoring images this module did not make (e.g. the Linux guest of
-    ``../shared/fixtures``, saved by libvirt with its own device model), or
-    for one-off guests with extra options: ``args`` is everything except the
+    For restoring images this module did not make (e.g. a guest saved by
+    libvirt with its own device model), or for one-off guests with extra options: ``args`` is everything except the
     binary, ``-qmp`` and ``-S -incoming defer``, which are added. Accepted by
     ``restore_and_dump``, ``save_stopped_guest`` and ``save_running_guest``
     (no blobs, no cache); ``ram_bytes`` is what pmemsave dumps.
@@ -262,29 +261,6 @@ class MachineArgs:
             raise TypeError('args must be a tuple')
         if self.ram_bytes <= 0:
             raise ValueError('ram_bytes must be positive')
-
-
-# The device model of ../shared/fixtures' Linux guest (libvirt domain
-# ramfs-fixture-linux-q35, TCG), from build-notes.json
-# linux.libvirt_qemu_argv_last_restore, minus what only libvirt needs
-# (secrets, fds, sandbox, kernel/initrd: fw_cfg files are not migrated).
-# Its serial port is migrated, so it must exist; its backend does not.
-LINUX_Q35_LIBVIRT = MachineArgs(args=(
-    '-machine', 'pc-q35-10.0,usb=off,dump-guest-core=off,memory-backend=pc.ram,acpi=on',
-    '-accel', 'tcg',
-    '-cpu', 'qemu64,hypervisor=on,lahf-lm=on',
-    '-m', '128M',
-    '-object', 'memory-backend-ram,id=pc.ram,size=134217728',
-    '-overcommit', 'mem-lock=off',
-    '-smp', '1,sockets=1,cores=1,threads=1',
-    '-uuid', '52414d46-5346-4958-0002-000000000002',
-    '-display', 'none', '-no-user-config', '-nodefaults',
-    '-rtc', 'base=utc', '-no-shutdown', '-boot', 'strict=on',
-    '-chardev', 'null,id=charserial0',
-    '-device', 'isa-serial,chardev=charserial0,id=serial0,index=0',
-    '-global', 'ICH9-LPC.noreboot=off',
-    '-watchdog-action', 'reset',
-), ram_bytes=128 * MIB)
 
 
 def _random_blob(address: int, size: int, seed: int) -> Blob:
@@ -715,7 +691,7 @@ def restore_and_dump(image_path: str | os.PathLike[str], recipe: Recipe | Machin
     written (e.g. ``('mapped-ram',)`` or ``('mapped-ram', 'multifd')``);
     ``offset`` is where the QEMU stream starts in the file (libvirt images:
     92 + data_len). ``recipe`` may also be a ``MachineArgs`` (a guest given
-    by its command line, e.g. ``LINUX_Q35_LIBVIRT``). Raises
+    by its command line). Raises
     ``MigrationError`` with QEMU's error text when QEMU rejects the image;
     writes ``out_path`` (``ram_bytes`` long) on success and returns it.
     """
@@ -842,12 +818,21 @@ def build(recipe: Recipe) -> GuestImages:
     """
     final = cache_dir(recipe)
     images = _images_in(final, recipe)
-    if _is_complete(images):
-        return images
+    _build_cached(final, lambda: _is_complete(images), lambda work: _build_into(work, recipe))
+    return images
+
+
+def _build_cached(final: Path, complete: Callable[[], bool], build_into: Callable[[Path], None]) -> None:
+    """Make the cache directory ``final`` unless ``complete()``: the build happens in a
+    temporary sibling directory that is renamed into place only after ``DONE`` was written,
+    so an interrupted build never looks complete; a per-key flock makes concurrent test runs
+    wait for one build instead of doing it twice."""
+    if complete():
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
-        if _is_complete(images):  # built by someone else while we waited
-            return images
+        if complete():  # built by someone else while we waited
+            return
         # Under the lock nobody else is building this key: anything left is
         # debris of an interrupted build.
         for stale in final.parent.glob(final.name + '.tmp-*'):
@@ -856,13 +841,12 @@ def build(recipe: Recipe) -> GuestImages:
             shutil.rmtree(final)
         work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
         try:
-            _build_into(work, recipe)
+            build_into(work)
             work.chmod(CACHE_DIR_MODE)  # mkdtemp makes it 0700
             os.rename(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    return images
 
 
 def _build_into(directory: Path, recipe: Recipe) -> None:
@@ -1087,24 +1071,7 @@ def build_linux(recipe: LinuxRecipe = LINUX_Q35_VMCOREINFO) -> LinuxGuestImages:
     firmware recipes: temporary sibling directory, renamed when DONE, flock)."""
     final = linux_cache_dir(recipe)
     images = _linux_images_in(final, recipe)
-    if _linux_is_complete(images):
-        return images
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
-        if _linux_is_complete(images):
-            return images
-        for stale in final.parent.glob(final.name + '.tmp-*'):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
-        try:
-            _build_linux_into(work, recipe)
-            work.chmod(CACHE_DIR_MODE)
-            os.rename(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+    _build_cached(final, lambda: _linux_is_complete(images), lambda work: _build_linux_into(work, recipe))
     return images
 
 
@@ -1544,24 +1511,8 @@ def build_linux_libvirt(recipe: LinuxRecipe = LINUX_Q35_VMCOREINFO) -> LinuxLibv
     guest = build_linux(recipe)
     final = linux_libvirt_cache_dir(recipe)
     images = _linux_libvirt_in(final, guest)
-    if _linux_libvirt_is_complete(images):
-        return images
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(final.parent / (final.name + '.lock'), LOCK_TIMEOUT):
-        if _linux_libvirt_is_complete(images):
-            return images
-        for stale in final.parent.glob(final.name + '.tmp-*'):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        work = Path(tempfile.mkdtemp(prefix=final.name + '.tmp-', dir=final.parent))
-        try:
-            _build_linux_libvirt_into(work, guest)
-            work.chmod(CACHE_DIR_MODE)
-            os.rename(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+    _build_cached(final, lambda: _linux_libvirt_is_complete(images),
+                  lambda work: _build_linux_libvirt_into(work, guest))
     return images
 
 
