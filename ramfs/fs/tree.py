@@ -436,7 +436,8 @@ class Tree:
         except RamfsError as e:
             log.warning("%s: no core.elf: %s", img.path, e)
             return
-        self.view(phys, b"core.elf", mtime, core)
+        # Its data: the header and notes, then the populated ranges just walked for memory.
+        self.view(phys, b"core.elf", mtime, core, blocks=(len(core.header) + sum(b - a for a, b in populated)) // 512)
 
     def _fill_export(self, d: DirNode, img: Image, mtime: int) -> None:
         """export/sequential.img: the image as a classic sequential save image (for QEMU < 9.0
