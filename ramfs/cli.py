@@ -158,6 +158,8 @@ def _print_info(facts: dict[str, Any]) -> None:
         ("RAM total", _size(facts["ram_total"])),
         ("devices", str(len(facts["devices"])) if facts["devices"] is not None else "- (no vmdesc)"),
     ]
+    if facts["stream"]["padding"]:
+        rows.append(("after stream", f"{facts['stream']['padding']} bytes of zeros (padding, ignored)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {_show(v)}")

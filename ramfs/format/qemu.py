@@ -16,6 +16,7 @@ and jumps over the page regions.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 import struct
@@ -191,6 +192,10 @@ class StreamLayout:
     vmdesc_offset: int | None  # the QEMU_VM_VMDESCRIPTION byte
     vmdesc: bytes | None  # the JSON text
     warnings: tuple[str, ...] = field(default=())
+    # Zero bytes between ``end`` and the end of the file: a stream written to a block device
+    # or a preallocated volume (``migrate "exec:dd of=/dev/vg/lv"``, Proxmox VE's vmstate
+    # volumes) is followed by whatever the device held, zeros when it was fresh.
+    padding: int = 0
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -297,6 +302,7 @@ class _Parser:
         self._zeros = self.sink.zeros
         self._page_unpack = _run_struct(1 << DEFAULT_TARGET_PAGE_BITS).unpack_from  # per page size
         self.tail_data: bytes | bytearray | None = None  # streams: the bytes from the device state to the end
+        self.padding = 0  # zeros after the stream (see StreamLayout.padding)
         self.cur = Cursor(source, base, end)
         self.base = base
         self.warnings: list[str] = []
@@ -738,42 +744,103 @@ class _Parser:
             blocks=tuple(self.blocks), mapped_ram=self.mapped, footers=bool(self.footers),
             ram_parts=parts, commands=tuple(commands), ram_end_offset=ram_end,
             device_offset=device_offset, eof_offset=eof, vmdesc_offset=vmdesc_offset,
-            vmdesc=vmdesc, warnings=tuple(self.warnings))
+            vmdesc=vmdesc, warnings=tuple(self.warnings), padding=self.padding)
 
     def tail(self, device_offset: int, eof: int | None) -> tuple[int | None, bytes | None, int]:
-        """Locate the VM description: the last thing in the file, after QEMU_VM_EOF.
+        """Locate the VM description: the last thing in the stream, after QEMU_VM_EOF.
 
         Device sections cannot be walked without their vmstate layout, so the description is
         found from the end: ``0x00 (EOF) 0x06 be32 len`` followed by exactly ``len`` bytes
-        that run to the end of the file. The length must match to the byte; nothing is guessed.
+        that run to the end of the stream. The length must match to the byte; nothing is
+        guessed. The stream ends at the end of the file, or at its last non-zero byte when
+        only zeros follow (a device or volume larger than the stream): the description is
+        JSON and ends with ``}``, so zeros after it cannot be part of it. Returns the
+        description's offset and text, and where the stream ends; ``self.padding`` counts
+        the zeros after it.
         """
         cur = self.cur
         if cur.end is not None:
-            src, end, origin = self.src, cur.end, 0
+            src: Source = self.src
+            total = cur.end
+            end = self._data_end(src, device_offset if eof is None else eof + 1, total)
+            origin = 0
         else:
-            # A stream of unknown length (decompressing): keep at most MAX_VMDESC_BYTES of tail.
+            # A stream of unknown length (decompressing): keep at most MAX_VMDESC_BYTES of
+            # tail up to its last non-zero byte; zeros after it are counted, not kept.
             chunks = bytearray()
+            zeros = 0  # zeros since the last non-zero byte, not in ``chunks``
             cur.seek(device_offset)
             while True:
                 buf, i = cur.window(1 << 20)
                 data = buf[i:]
                 if not data:
                     break
-                chunks += data
                 cur.pos += len(data)
+                if data == _zeros(len(data)):
+                    zeros += len(data)
+                    continue
+                kept = len(data.rstrip(b"\0"))
+                if zeros:
+                    chunks += bytes(min(zeros, MAX_VMDESC_BYTES + 8))
+                chunks += data[:kept]
+                zeros = len(data) - kept
                 if len(chunks) > MAX_VMDESC_BYTES + 8:
                     del chunks[: len(chunks) - MAX_VMDESC_BYTES - 8]
-            end = cur.pos
+            total = cur.pos
+            end = total - zeros
             origin = end - len(chunks)
             if origin == device_offset:
                 self.tail_data = chunks
             src = _OffsetBytes(chunks, origin)
         if eof is not None:
             # No device sections: the description (if any) follows the EOF byte directly.
-            if eof + 1 == end:
-                return None, None, end
-            return (*self._vmdesc_at(src, eof + 1, end), end)
-        lo = max(device_offset + 1, origin + 1, end - 5 - MAX_VMDESC_BYTES)
+            if end <= eof + 1:
+                self.padding = total - (eof + 1)
+                return None, None, eof + 1
+            found = self._vmdesc_at(src, eof + 1, end)
+            if found[0] is None:
+                return (*found, total)  # what follows is not a description: said, not cut off
+            self.padding = total - end
+            return (*found, end)
+        found = self._vmdesc_before(src, max(device_offset + 1, origin + 1), end)
+        if found[0] is None:
+            # Without a description the stream's end is unknown: zeros at the end of the
+            # device state are not taken for padding.
+            return None, None, total
+        self.padding = total - end
+        return (*found, end)
+
+    @staticmethod
+    def _data_end(src: Source, lo: int, end: int) -> int:
+        """Just past the last non-zero byte of ``[lo, end)`` (``lo`` when all are zero).
+
+        Holes are zeros without reading them, when the source knows where its data is
+        (``data_ranges``: SEEK_DATA); what is data is read backwards in chunks that grow to
+        16 MiB and compared whole with zeros (memcmp speed): one read when the file ends in
+        data, and a volume's worth of written zeros at the speed of the disk.
+        """
+        ranges = getattr(src, "data_ranges", None)
+        if ranges is not None:
+            last = None
+            for _, last in ranges(lo, end):
+                pass
+            end = last if last is not None else lo
+        pos = end
+        step = 1 << 16
+        while pos > lo:
+            start = max(lo, pos - step)
+            data = src.read_at(start, pos - start)
+            if len(data) != pos - start:
+                raise TruncatedError(f"read of {pos - start} bytes at {start:#x} returned {len(data)}", start)
+            if data != _zeros(len(data)):
+                return start + len(data.rstrip(b"\0"))
+            pos = start
+            step = min(step * 4, 16 << 20)
+        return lo
+
+    def _vmdesc_before(self, src: Source, lo: int, end: int) -> tuple[int | None, bytes | None]:
+        """The ``0x00 0x06 be32 len`` marker whose ``len`` bytes end exactly at ``end``."""
+        lo = max(lo, end - 5 - MAX_VMDESC_BYTES)
         pos = end
         step = 1 << 16
         while pos > lo:
@@ -789,10 +856,10 @@ class _Parser:
                 if block[j - 1] == 0 and p + 5 <= end and j + 5 <= len(block):
                     n = struct.unpack_from(">I", block, j + 1)[0]
                     if p + 5 + n == end:
-                        return p, src.read_at(p + 5, n), end
+                        return p, src.read_at(p + 5, n)
             pos = start
             step = min(step * 4, 16 << 20)
-        return None, None, end
+        return None, None
 
     def _vmdesc_at(self, src: Source, pos: int, end: int) -> tuple[int | None, bytes | None]:
         head = src.read_at(pos, 5)
@@ -807,6 +874,12 @@ class _Parser:
             self.warnings.append(f"VM description of {n} bytes is too large to read")
             return None, None
         return pos, src.read_at(pos + 5, n)
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    # Calloc'd: untouched pages map the kernel's zero page, so the cache costs no memory.
+    return bytes(n)
 
 
 class _OffsetBytes:

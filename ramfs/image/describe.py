@@ -16,7 +16,7 @@ from ramfs.image.model import Device, Image, domain_identity, open_image
 if TYPE_CHECKING:
     from ramfs.image.phys import Placement
 
-INFO_SCHEMA_VERSION = 1
+INFO_SCHEMA_VERSION = 2
 
 
 def describe(image: Image, below_4g: int | None = None, placement: Placement | None = None) -> dict[str, Any]:
@@ -70,6 +70,8 @@ def describe(image: Image, below_4g: int | None = None, placement: Placement | N
             "eof_offset": layout.eof_offset,
             "vmdesc_offset": layout.vmdesc_offset,
             "vmdesc_size": len(layout.vmdesc) if layout.vmdesc is not None else None,
+            "end_offset": layout.end,
+            "padding": layout.padding,
             # Offsets above count in the decompressed stream for formats 1-5, else in the file.
             "decompressed": bool(image.format is not None and image.format.compressed),
         },
