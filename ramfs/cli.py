@@ -105,6 +105,57 @@ def _facts(path: str, quiet: bool = False, placement: Placement | None = None,
         bar.done()
 
 
+def _info_facts(path: str, quiet: bool, placement: Placement, snapshot: str | None) -> dict[str, Any]:
+    """``_facts``, or for a qcow2 disk named without ``--snapshot``, the disk and its snapshots."""
+    from ramfs.image.describe import describe_qcow2, is_qcow2_disk
+
+    if snapshot is None:
+        try:
+            qcow2 = is_qcow2_disk(path)
+        except RamfsError:
+            qcow2 = False  # _facts says what is wrong with the path
+        if qcow2:
+            return describe_qcow2(path, placement)
+    return _facts(path, quiet, placement, snapshot)
+
+
+def _clock(nsec: int) -> str:
+    sec, ns = divmod(nsec, 10**9)
+    return f"{sec // 3600:02d}:{sec // 60 % 60:02d}:{sec % 60:02d}.{ns // 10**6:03d}"
+
+
+def _print_qcow2(facts: dict[str, Any]) -> None:
+    q = facts["qcow2"]
+    snaps = facts["snapshots"]
+    with_state = [s for s in snaps if s["vm_state_size"]]
+    rows = [("image", facts["path"]),
+            ("container", f"qcow2 v{q['version']} ({_size(q['cluster_size'])} clusters"
+                          f"{', extended L2' if q['extended_l2'] else ''})"),
+            ("disk size", _size(q["virtual_size"])),
+            ("snapshots", f"{len(snaps)}, {len(with_state)} with VM state")]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {_show(v)}")
+    if not snaps:
+        return
+    table = [("ID", "NAME", "DATE (UTC)", "VM CLOCK", "VM STATE", "DISK SIZE")]
+    for s in snaps:
+        table.append((_show(s["id"]), _show(s["name"]), s["date"].replace("T", " ").rstrip("Z"),
+                      _clock(s["vm_clock_nsec"]), _size(s["vm_state_size"]) if s["vm_state_size"] else "-",
+                      _size(s["disk_size"]) if s["disk_size"] is not None else "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(6)]
+    print()
+    for r in table:
+        print("  ".join(c.ljust(widths[i]) if i < 4 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip())
+    for s in with_state:
+        print()
+        print(f"snapshot {_show(s['name'])} (id {_show(s['id'])}; --snapshot {_show(s['name'])}):")
+        if s["image"] is not None:
+            _print_info(s["image"])
+        else:
+            print(f"error: {_show(s['error'])}")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     if args.jsonl:
         # One line per image, errors included, so that a loop over a directory of saves can
@@ -112,7 +163,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         status = EXIT_OK
         for path in args.image:
             try:
-                line = _facts(path, args.quiet, _placement(args), args.snapshot)
+                line = _info_facts(path, args.quiet, _placement(args), args.snapshot)
             except RamfsError as e:
                 line = {"path": path, "error": _utf8(str(e))}
                 status = EXIT_ERROR
@@ -123,7 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if n and not args.json:
             print()
         try:
-            facts = _facts(path, args.quiet, _placement(args), args.snapshot)
+            facts = _info_facts(path, args.quiet, _placement(args), args.snapshot)
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
@@ -133,6 +184,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if args.json:
             json.dump(facts, sys.stdout, indent=2)
             sys.stdout.write("\n")
+        elif facts["container"] == "qcow2":
+            _print_qcow2(facts)
         else:
             _print_info(facts)
     return status
@@ -146,6 +199,9 @@ def _print_info(facts: dict[str, Any]) -> None:
         ("format", facts["format"] + ("" if not lv else f" (code {lv['format_code']})")),
         ("encoding", facts["encoding"]),
     ]
+    snap = facts["qcow2_snapshot"]
+    if snap:
+        rows.append(("snapshot", f"{snap['name']} (id {snap['id']}), taken {snap['date'].replace('T', ' ')}"))
     if lv:
         dom = lv["domain"] or {}
         rows += [("domain", f"{dom.get('name')} ({dom.get('uuid')})"),
@@ -219,10 +275,17 @@ def _versions() -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ramfs.image.describe import check
+    from ramfs.image.describe import check, check_qcow2, is_qcow2_disk
 
     warnings: list[str] = []
-    problems = check(args.image, warnings=warnings, placement=_placement(args), snapshot=args.snapshot)
+    try:
+        qcow2 = args.snapshot is None and is_qcow2_disk(args.image)
+    except RamfsError:
+        qcow2 = False  # check says what is wrong with the path
+    if qcow2:
+        problems = check_qcow2(args.image, warnings=warnings, placement=_placement(args))
+    else:
+        problems = check(args.image, warnings=warnings, placement=_placement(args), snapshot=args.snapshot)
     for w in warnings:
         print(f"{_show(args.image)}: warning: {_show(w)}")
     if not problems:

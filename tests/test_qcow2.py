@@ -10,6 +10,7 @@ converted by ramfs restores in QEMU with the disk reverted to it.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -18,14 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 import qemu_images as qi
 from mountutil import mounted
+from ramfs.format.qcow2 import L1E_OFFSET_MASK, L2E_OFFSET_MASK, parse_header, parse_snapshots
 from ramfs.image import open_image
+from ramfs.image.files import FileSource
 from ramfs.image.qcow2 import snapshots_with_state
 
 MiB = 1 << 20
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "docs" / "info.schema.json").read_text())
 RAM = 64 * MiB
 pytestmark = pytest.mark.qemu
 
@@ -130,7 +135,69 @@ def test_a_mount_shows_the_snapshots(disk, tmp_path):
         assert pc.read_bytes() == disk.paused["paused"].read_bytes()
 
 
-def test_a_disk_without_a_snapshot_name_says_what_to_do(disk):
-    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "info", str(disk.path)], capture_output=True, text=True)
+def _ramfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ramfs.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_lists_the_snapshots_as_qemu_img_does(disk):
+    listing = json.loads(_ramfs("info", "--json", str(disk.path)).stdout)
+    jsonschema.validate(listing, SCHEMA)
+    theirs = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(disk.path)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert [(s["id"], s["name"], s["date_sec"], s["date_nsec"], s["vm_clock_nsec"], s["vm_state_size"])
+            for s in listing["snapshots"]] == \
+        [(s["id"], s["name"], s["date-sec"], s["date-nsec"], s["vm-clock-sec"] * 10**9 + s["vm-clock-nsec"],
+          s["vm-state-size"])
+         for s in theirs["snapshots"]]
+    assert listing["qcow2"]["virtual_size"] == theirs["virtual-size"]
+    assert listing["qcow2"]["cluster_size"] == theirs["cluster-size"]
+    for s in listing["snapshots"]:
+        assert s["error"] is None
+        assert s["image"]["qcow2_snapshot"]["name"] == s["name"]
+        assert [b["idstr"] for b in s["image"]["blocks"]][0] == "pc.ram"
+    text = _ramfs("info", str(disk.path)).stdout
+    for s in listing["snapshots"]:
+        assert f"snapshot {s['name']} (id {s['id']}; --snapshot {s['name']}):" in text
+    one = json.loads(_ramfs("info", "--json", "--snapshot", "job", str(disk.path)).stdout)
+    jsonschema.validate(one, SCHEMA)
+    assert one["qcow2_snapshot"]["name"] == "job" and one["path"] == f"{disk.path}@job"
+
+
+def test_check_validates_every_snapshot_and_the_tables(disk, tmp_path):
+    r = _ramfs("check", str(disk.path))
+    assert r.returncode == 0 and r.stdout.strip() == f"{disk.path}: OK", r.stdout + r.stderr
+    with FileSource(str(disk.path)) as f:
+        h = parse_header(f)
+        snap = next(s for s in parse_snapshots(f, h) if s.name == "running")
+        first = snap.vm_state_offset(h) >> h.cluster_bits
+        l1 = int.from_bytes(f.read_at(snap.l1_table_offset + (first >> h.l2_bits) * 8, 8), "big")
+        l2_off = l1 & L1E_OFFSET_MASK
+        width = 16 if h.extended_l2 else 8
+        at = l2_off + (first & ((1 << h.l2_bits) - 1)) * width
+        entry = f.read_at(at, 8)
+    host = int.from_bytes(entry, "big") & L2E_OFFSET_MASK
+    assert host
+    cases = {  # what a damaged or crafted table does -> what check must say
+        "onto the L1 table": (at, (snap.l1_table_offset | (int.from_bytes(entry, "big") & ~L2E_OFFSET_MASK))
+                              .to_bytes(8, "big"), "overlaps the L1 table"),
+        "twice the same cluster": (at + width, entry, "overlaps a cluster of the VM state"),
+        "past the end": (at, ((disk.path.stat().st_size + (1 << 30)) & L2E_OFFSET_MASK
+                              | int.from_bytes(entry, "big") & ~L2E_OFFSET_MASK).to_bytes(8, "big"),
+                         "points past the end of the file"),
+    }
+    for what, (offset, data, says) in cases.items():
+        bad = tmp_path / f"{what.replace(' ', '-')}.qcow2"
+        shutil.copy(disk.path, bad)
+        with open(bad, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        r = _ramfs("check", str(bad))
+        assert r.returncode == 1, (what, r.stdout, r.stderr)
+        assert "snapshot 'running':" in r.stdout and says in r.stdout, (what, r.stdout)
+        assert "Traceback" not in r.stderr
+
+
+def test_a_disk_without_a_snapshot_name_says_what_to_do(disk, tmp_path):
+    r = _ramfs("convert", str(disk.path), str(tmp_path / "out.save"))
     assert r.returncode == 2
     assert "qcow2 disk" in r.stderr and "--snapshot" in r.stderr and "paused, running, job" in r.stderr

@@ -24,6 +24,7 @@ from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError,
 from ramfs.format import encode
 from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, LibvirtHeader, SaveFormat,
                                   is_libvirt_magic, parse_header)
+from ramfs.format.qcow2 import is_qcow2
 from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, RamSetup, SectionType, StreamLayout,
                                is_qemu_magic, parse_stream, parse_stream_with_tail)
 from ramfs.format.source import ForwardSource
@@ -145,6 +146,8 @@ def convert_stream(read: Callable[[int], bytes], fd: int, *, jobs: int = 1, dire
     if is_qemu_magic(head):
         src.unread(head)
         return _convert_qemu(src, fd, 0, None, jobs, direct_fd, t0, "bare", "qemu")
+    if is_qcow2(head):
+        raise NotAnImageError("a qcow2 disk, not a save image: convert one of its snapshots (--snapshot NAME)")
     raise NotAnImageError("not a save image (neither a libvirt header nor a QEMU stream)")
 
 
@@ -427,6 +430,13 @@ def convert_file(src: str, dst: str, *, jobs: int = 1, direct_io: bool = False,
             fin = open(src, "rb", buffering=0)
         except OSError as e:
             raise ImageIOError(f"cannot open {src}: {e.strerror}", e.errno) from None
+        try:
+            if stat.S_ISREG(os.fstat(fin.fileno()).st_mode) and is_qcow2(os.pread(fin.fileno(), 4, 0)):
+                from ramfs.image.qcow2 import needs_snapshot_error
+                raise needs_snapshot_error(src)
+        except BaseException:
+            fin.close()
+            raise
     new = NewFile(dst, readable=True)
     direct_fd = -1
     try:

@@ -39,6 +39,7 @@ QCOW_CRYPT_NONE = 0
 _SNAPSHOT = struct.Struct(">QIHHIIQII")
 QCOW_MAX_SNAPSHOTS = 65536  # qcow2.h
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS  # qcow2.h: bytes of the whole table
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 QCOW_OFLAG_COMPRESSED = 1 << 62
@@ -88,6 +89,8 @@ class Snapshot:
     vm_state_size: int  # bytes of VM state (0: a disk-only snapshot)
     disk_size: int | None  # the disk size recorded with the snapshot (extra data), if any
     icount: int | None
+    entry_offset: int = 0  # where its entry of the snapshot table is, and how long (padded)
+    entry_size: int = 0
 
     def vm_state_offset(self, header: Qcow2Header) -> int:
         """Virtual offset of the VM state (qcow2_vm_state_offset with the snapshot's size)."""
@@ -134,7 +137,12 @@ def parse_snapshots(src: Source, h: Qcow2Header) -> list[Snapshot]:
     """The snapshot table (qcow2_read_snapshots), bounded by the file's size."""
     out = []
     pos = h.snapshots_offset
+    if h.nb_snapshots and pos % h.cluster_size:
+        # qcow2_do_open -> qcow2_validate_table: the table starts on a cluster.
+        raise FormatError(f"qcow2 snapshot table offset {pos:#x} is not cluster aligned", 64)
     for i in range(h.nb_snapshots):
+        if pos - h.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise FormatError(f"qcow2 snapshot table longer than {QCOW_MAX_SNAPSHOTS_SIZE} bytes", pos)
         raw = src.read_at(pos, _SNAPSHOT.size)
         if len(raw) < _SNAPSHOT.size:
             raise TruncatedError(f"qcow2 snapshot {i}: the table ends inside its header", pos)
@@ -152,12 +160,18 @@ def parse_snapshots(src: Source, h: Qcow2Header) -> list[Snapshot]:
         icount = int.from_bytes(extra[16:24], "big") if extra_size >= 24 else None
         sid = body[extra_size:extra_size + id_size].decode("utf-8", "surrogateescape")
         name = body[extra_size + id_size:].decode("utf-8", "surrogateescape")
-        out.append(Snapshot(i, sid, name, l1_off, l1_size, dsec, dnsec, clock,
-                            large if large is not None else vm_size, disk_size,
-                            icount if icount != (1 << 64) - 1 else None))
+        entry = pos
         pos += _SNAPSHOT.size + extra_size + id_size + name_size
         pos += -pos % 8
+        out.append(Snapshot(i, sid, name, l1_off, l1_size, dsec, dnsec, clock,
+                            large if large is not None else vm_size, disk_size,
+                            icount if icount != (1 << 64) - 1 else None, entry, pos - entry))
     return out
+
+
+def snapshot_table_size(h: Qcow2Header, snapshots: list[Snapshot]) -> int:
+    """Bytes of the snapshot table, from its offset to the end of its last entry."""
+    return snapshots[-1].entry_offset + snapshots[-1].entry_size - h.snapshots_offset if snapshots else 0
 
 
 def l2_entry(raw: bytes, index: int, extended: bool) -> tuple[int, int]:

@@ -821,10 +821,7 @@ class _Parser:
         """
         ranges = getattr(src, "data_ranges", None)
         if ranges is not None:
-            last = None
-            for _, last in ranges(lo, end):
-                pass
-            end = last if last is not None else lo
+            end = max((b for _, b in ranges(lo, end)), default=lo)
         pos = end
         step = 1 << 16
         while pos > lo:

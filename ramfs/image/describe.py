@@ -6,11 +6,14 @@ only ever added.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import TYPE_CHECKING, Any
 
 from ramfs import __version__
 from ramfs.errors import FormatError, RamfsError
+from ramfs.format.qcow2 import Snapshot, is_qcow2, parse_header, parse_snapshots
+from ramfs.image.files import FileSource
 from ramfs.image.model import Device, Image, domain_identity, open_image
 
 if TYPE_CHECKING:
@@ -42,12 +45,14 @@ def describe(image: Image, below_4g: int | None = None, placement: Placement | N
             "domain": domain_identity(lv.domain_xml),
         }
     conf = layout.configuration
+    snap = getattr(image.source, "snapshot", None)
     return {
         "schema_version": INFO_SCHEMA_VERSION,
         "ramfs_version": __version__,
         "path": image.path,
         "size": image.source.size,
         "container": image.container,
+        "qcow2_snapshot": _snapshot_facts(snap) if isinstance(snap, Snapshot) else None,
         "libvirt": libvirt,
         "format": image.format.label if image.format is not None else "qemu",
         "encoding": image.encoding,
@@ -99,6 +104,80 @@ def describe(image: Image, below_4g: int | None = None, placement: Placement | N
     }
 
 
+def _snapshot_facts(s: Snapshot) -> dict[str, Any]:
+    return {
+        "index": s.index,
+        "id": s.id,
+        "name": s.name,
+        "date": datetime.datetime.fromtimestamp(s.date_sec, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_sec": s.date_sec,
+        "date_nsec": s.date_nsec,
+        "vm_clock_nsec": s.vm_clock_nsec,
+        "vm_state_size": s.vm_state_size,
+        "disk_size": s.disk_size,
+    }
+
+
+def is_qcow2_disk(path: str) -> bool:
+    """A qcow2 file (its snapshots are the images; ``describe_qcow2`` lists them)."""
+    with FileSource(path) as f:
+        return is_qcow2(f.read_at(0, 4))
+
+
+def describe_qcow2(path: str, placement: Placement | None = None) -> dict[str, Any]:
+    """A qcow2 disk: its header and every internal snapshot, each snapshot with VM state
+    described as a save image (``image``), or why it cannot be (``error``)."""
+    with FileSource(path) as f:
+        h = parse_header(f)
+        snaps = parse_snapshots(f, h)
+        size = f.size
+    out = []
+    for s in snaps:
+        facts: dict[str, Any] = {**_snapshot_facts(s), "image": None, "error": None}
+        if s.vm_state_size:
+            try:
+                with open_image(path, snapshot=s.index, reads=False) as img:
+                    facts["image"] = describe(img, placement=placement)
+            except RamfsError as e:
+                facts["error"] = str(e)
+        out.append(facts)
+    return {
+        "schema_version": INFO_SCHEMA_VERSION,
+        "ramfs_version": __version__,
+        "path": path,
+        "size": size,
+        "container": "qcow2",
+        "qcow2": {
+            "version": h.version,
+            "cluster_size": h.cluster_size,
+            "extended_l2": h.extended_l2,
+            "virtual_size": h.size,
+        },
+        "snapshots": out,
+    }
+
+
+def check_qcow2(path: str, warnings: list[str] | None = None, placement: Placement | None = None) -> list[str]:
+    """``check`` of every snapshot with VM state of a qcow2 disk (problems prefixed with the
+    snapshot's name); the disk's header and snapshot table first."""
+    try:
+        with FileSource(path) as f:
+            snaps = parse_snapshots(f, parse_header(f))
+    except RamfsError as e:
+        return [str(e)]
+    problems: list[str] = []
+    with_state = [s for s in snaps if s.vm_state_size]
+    if not with_state:
+        return ["no snapshot with VM state (only disk snapshots, or none): nothing to check"]
+    for s in with_state:
+        own: list[str] = []
+        found = check(path, warnings=own, placement=placement, snapshot=s.index)
+        problems += [f"snapshot {s.name!r}: {p}" for p in found]
+        if warnings is not None:
+            warnings += [f"snapshot {s.name!r}: {w}" for w in own]
+    return problems
+
+
 def _placement(below_4g: int | None) -> Placement:
     from ramfs.image.phys import Placement
     return Placement(below_4g)
@@ -130,7 +209,7 @@ def _devices(image: Image) -> tuple[list[Device] | None, list[str]]:
 
 def check(path: str, *, cache: str | os.PathLike[str] | None = None, use_cache: bool = False,
           warnings: list[str] | None = None, placement: Placement | None = None,
-          snapshot: str | None = None) -> list[str]:
+          snapshot: str | int | None = None) -> list[str]:
     """Validate an image's structure; return every problem found (empty: the image is sound).
 
     A structural error stops the walk (what follows cannot be located), so it is the last

@@ -408,7 +408,7 @@ def _int(v: object) -> int:
 def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None, use_cache: bool = True,
                reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
                fd: int | None = None, progress: Callable[[int, int], None] | None = None,
-               snapshot: str | None = None) -> Image:
+               snapshot: str | int | None = None) -> Image:
     """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
 
     ``reads=False`` describes a compressed image by streaming it, without spooling a
@@ -458,13 +458,8 @@ def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, a
             return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress)
     elif not is_qemu_magic(head):
         if head[:4] == b"QFI\xfb":
-            from ramfs.image.qcow2 import snapshots_with_state
-            try:
-                names = ", ".join(sn.name for sn in snapshots_with_state(path)) or "none"
-            except RamfsError as e:
-                names = f"unreadable: {e}"
-            raise NotAnImageError(f"{path} is a qcow2 disk: name one of its snapshots with VM state "
-                                  f"(--snapshot NAME; snapshots with VM state: {names})")
+            from ramfs.image.qcow2 import needs_snapshot_error
+            raise needs_snapshot_error(path)
         if len(head) < 4:
             raise NotAnImageError(f"{path}: not a save image (file is {len(head)} bytes long)")
         raise NotAnImageError(f"{path}: not a save image (neither a libvirt header nor a QEMU stream)")

@@ -17,9 +17,10 @@ from array import array
 from collections.abc import Iterator
 from typing import Self
 
-from ramfs.errors import FormatError, ImageIOError, TruncatedError, UnsupportedError
+from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError, UnsupportedError
 from ramfs.format.qcow2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
-                                Qcow2Header, Snapshot, l2_entry, parse_header, parse_snapshots)
+                                Qcow2Header, Snapshot, l2_entry, parse_header, parse_snapshots,
+                                snapshot_table_size)
 from ramfs.image.files import FileSource, WouldBlock
 
 ZERO = -1  # the cluster reads as zeros (unallocated, or QCOW_OFLAG_ZERO)
@@ -29,17 +30,24 @@ SUBCLUSTERS = 32  # extended L2: 32 subclusters per cluster, bitmap allocated | 
 class VmstateSource:
     """One snapshot's VM state, read through its own L1/L2 tables."""
 
-    def __init__(self, file: FileSource, snapshot_name: str):
+    def __init__(self, file: FileSource, snapshot_name: str | int):
+        """``snapshot_name``: a snapshot's name, else its id; an ``int`` is its index in the
+        snapshot table (names and ids need not be unique)."""
         self.file = file
         self.header: Qcow2Header = parse_header(file)
         snaps = parse_snapshots(file, self.header)
-        found = [s for s in snaps if s.name == snapshot_name] or [s for s in snaps if s.id == snapshot_name]
+        self._table_size = snapshot_table_size(self.header, snaps)
+        if isinstance(snapshot_name, int):
+            found = snaps[snapshot_name:snapshot_name + 1] if snapshot_name >= 0 else []
+        else:
+            found = [s for s in snaps if s.name == snapshot_name] or [s for s in snaps if s.id == snapshot_name]
         if not found:
             names = ", ".join(s.name for s in snaps if s.vm_state_size) or "none"
             raise FormatError(f"{file.path}: no snapshot {snapshot_name!r} (snapshots with VM state: {names})")
         self.snapshot: Snapshot = found[0]
         if not self.snapshot.vm_state_size:
-            raise UnsupportedError(f"{file.path}: snapshot {snapshot_name!r} has no VM state (a disk-only snapshot)")
+            raise UnsupportedError(f"{file.path}: snapshot {self.snapshot.name!r} has no VM state "
+                                   f"(a disk-only snapshot)")
         self.path = f"{file.path}@{self.snapshot.name}"
         self.stat = file.stat
         self.size = self.snapshot.vm_state_size
@@ -52,16 +60,30 @@ class VmstateSource:
         self._build_map()
 
     def _build_map(self) -> None:
+        """Read the snapshot's L1 and the L2 tables of its VM state into ``_hosts``, checking
+        what QEMU's own checks (qcow2_read_snapshots, qcow2_validate_table, qcow2_get_host_offset,
+        qcow2-refcount.c's check_refcounts_l2) would find corrupt: unaligned or out-of-file
+        tables and clusters, subclusters both allocated and zero, and clusters that overlap
+        the header, the snapshot table, the L1 and L2 tables or each other, which only a
+        damaged or crafted file has and which would make one cluster's bytes appear twice."""
         h, s, f = self.header, self.snapshot, self.file
-        if self._base % self._csize:
-            raise FormatError("qcow2 VM state offset not cluster aligned")
+        name = f"qcow2 snapshot {s.name!r}"
+        csize = self._csize
+        if self._base % csize:
+            raise FormatError(f"{name}: VM state offset not cluster aligned")
+        if s.l1_table_offset % csize or not s.l1_table_offset:
+            raise FormatError(f"{name}: L1 table offset {s.l1_table_offset:#x} is not a cluster "
+                              f"other than the header's", s.l1_table_offset)
         first = self._base >> self._cbits
-        count = -(-self.size // self._csize)
+        count = -(-self.size // csize)
         l2_entries = 1 << h.l2_bits
         l1_raw = f.read_at(s.l1_table_offset, s.l1_size * 8)
         if len(l1_raw) < s.l1_size * 8:
-            raise TruncatedError(f"qcow2 snapshot {s.name!r}: its L1 table runs past the end of the file",
-                                 s.l1_table_offset)
+            raise TruncatedError(f"{name}: its L1 table runs past the end of the file", s.l1_table_offset)
+        used = _Clusters(f.size, self._cbits)
+        used.claim(0, csize, "the qcow2 header")
+        used.claim(h.snapshots_offset, self._table_size, "the snapshot table")
+        used.claim(s.l1_table_offset, s.l1_size * 8, f"the L1 table of {s.name!r}")
         cached_l2: tuple[int, bytes] | None = None
         for k in range(count):
             vc = first + k
@@ -74,26 +96,41 @@ class VmstateSource:
                 self._hosts.append(ZERO)
                 continue
             if cached_l2 is None or cached_l2[0] != l2_off:
-                raw = f.read_at(l2_off, self._csize)
-                if len(raw) < self._csize:
-                    raise TruncatedError("qcow2 L2 table runs past the end of the file", l2_off)
+                if l2_off % csize:
+                    raise FormatError(f"{name}: L2 table offset {l2_off:#x} not cluster aligned", l2_off)
+                raw = f.read_at(l2_off, csize)
+                if len(raw) < csize:
+                    raise TruncatedError(f"{name}: an L2 table runs past the end of the file", l2_off)
+                used.claim(l2_off, csize, "an L2 table")
                 cached_l2 = (l2_off, raw)
             entry, bitmap = l2_entry(cached_l2[1], l2i, h.extended_l2)
             if entry & QCOW_OFLAG_COMPRESSED:
-                raise UnsupportedError(f"qcow2 snapshot {s.name!r}: compressed clusters in the VM state")
+                raise UnsupportedError(f"{name}: compressed clusters in the VM state (QEMU never "
+                                       f"writes them there)")
             host = entry & L2E_OFFSET_MASK
             if h.extended_l2:
-                if bitmap & 0xFFFFFFFF and not host:
-                    raise FormatError("qcow2 extended L2 entry with allocated subclusters and no cluster")
-                self._hosts.append(host if bitmap & 0xFFFFFFFF else ZERO)
-                if bitmap & 0xFFFFFFFF != 0xFFFFFFFF and bitmap & 0xFFFFFFFF:
+                alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
+                if alloc & zero:
+                    raise FormatError(f"{name}: extended L2 entry {l2i} marks subclusters both "
+                                      f"allocated and zero", l2_off)
+                if alloc and not host:
+                    raise FormatError(f"{name}: extended L2 entry {l2i} has allocated subclusters "
+                                      f"and no cluster", l2_off)
+                if not alloc:
+                    self._hosts.append(ZERO)
+                    continue
+                if alloc != 0xFFFFFFFF:
                     self._bitmaps[k] = bitmap
             elif entry & QCOW_OFLAG_ZERO or not host:
                 self._hosts.append(ZERO)
-            else:
-                if host % self._csize:
-                    raise FormatError(f"qcow2 L2 entry points to an unaligned cluster {host:#x}")
-                self._hosts.append(host)
+                continue
+            if host % csize:
+                raise FormatError(f"{name}: L2 entry {l2i} points to an unaligned cluster {host:#x}", l2_off)
+            if host >= f.size:
+                raise FormatError(f"{name}: L2 entry {l2i} points past the end of the file "
+                                  f"({host:#x} >= {f.size:#x})", l2_off)
+            used.claim(host, csize, "a cluster of the VM state")
+            self._hosts.append(host)
 
     # -- reads ---------------------------------------------------------------------------
     def _runs(self, offset: int, size: int) -> Iterator[tuple[int | None, int]]:
@@ -174,6 +211,43 @@ class VmstateSource:
         self.close()
 
 
+class _Clusters:
+    """Which host clusters a snapshot's VM state map uses: one bit per cluster of the file,
+    so memory follows the file's size over the cluster size (a 100 GiB file of 64 KiB
+    clusters: 200 KiB), never the number of entries read."""
+
+    def __init__(self, file_size: int, cluster_bits: int):
+        self._bits = cluster_bits
+        self._map = bytearray(((file_size >> cluster_bits) + 1 + 7) // 8)
+        self._what: dict[int, str] = {}  # cluster -> what claimed it, for metadata only
+
+    def claim(self, offset: int, size: int, what: str) -> None:
+        if size <= 0:
+            return
+        lo, hi = offset >> self._bits, (offset + size - 1) >> self._bits
+        for c in range(lo, hi + 1):
+            if c >> 3 >= len(self._map):
+                return  # past the end of the file: the read of it says so
+            bit = 1 << (c & 7)
+            if self._map[c >> 3] & bit:
+                other = self._what.get(c, "a cluster of the VM state")
+                raise FormatError(f"qcow2: {what} overlaps {other} at {c << self._bits:#x} "
+                                  f"(a damaged or crafted file)", c << self._bits)
+            self._map[c >> 3] |= bit
+            if what != "a cluster of the VM state":
+                self._what[c] = what
+
+
+def needs_snapshot_error(path: str) -> NotAnImageError:
+    """What to say when a qcow2 disk is named where a save image (or ``--snapshot``) is wanted."""
+    try:
+        names = ", ".join(sn.name for sn in snapshots_with_state(path)) or "none"
+    except RamfsError as e:
+        names = f"unreadable: {e}"
+    return NotAnImageError(f"{path} is a qcow2 disk: name one of its snapshots with VM state "
+                           f"(--snapshot NAME; snapshots with VM state: {names})")
+
+
 def snapshots_with_state(path: str | os.PathLike[str]) -> list[Snapshot]:
     """The snapshots of a qcow2 file that have VM state (what a mount shows)."""
     with FileSource(os.fspath(path)) as f:
@@ -181,4 +255,4 @@ def snapshots_with_state(path: str | os.PathLike[str]) -> list[Snapshot]:
         return [s for s in parse_snapshots(f, h) if s.vm_state_size]
 
 
-__all__ = ["VmstateSource", "WouldBlock", "snapshots_with_state"]
+__all__ = ["VmstateSource", "WouldBlock", "needs_snapshot_error", "snapshots_with_state"]
