@@ -487,14 +487,14 @@ def cmd_core(args: argparse.Namespace) -> int:
 RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "numa": "numa", "device": "device",
                  "jobs": "jobs", "log": "log",
                  "debug": "debug", "foreground": "foreground", "allow_other": "allow_other",
-                 "run_as": "user"}
+                 "run_as": "user", "readahead": "readahead", "nonempty": "nonempty"}
 # Options mount(8), systemd or an fstab line may hand over that mean nothing to a FUSE mount:
 # dropped instead of making libfuse fail with "unknown option".
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "rw"}
 
 
 # ramfs's -o options that take a value (the others are flags).
-VALUE_OPTIONS = {"below_4g", "numa", "device", "jobs", "log", "run_as"}
+VALUE_OPTIONS = {"below_4g", "numa", "device", "jobs", "log", "run_as", "readahead"}
 
 
 def _value(own: dict[str, str | bool], key: str) -> str | None:
@@ -534,12 +534,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise RamfsError(f"-o jobs={own['jobs']}: not a number") from None
     placement = _placement(args, own)
     return mount(args.source, args.mountpoint, foreground=args.foreground or bool(own.get("foreground")),
+                 readahead_kb=_readahead_kb(_value(own, "readahead") or args.readahead),
+                 nonempty=args.nonempty or bool(own.get("nonempty")),
                  debug=args.debug or bool(own.get("debug")), options=fuse_opts,
                  allow_other=args.allow_other or bool(own.get("allow_other")),
                  direct_io=args.direct_io or bool(own.get("direct_io")),
                  log_file=_value(own, "log") or args.log, jobs=jobs,
                  placement=placement, systemd=args.systemd,
                  user=_value(own, "user") or args.user, quiet=args.quiet)
+
+
+def _readahead_kb(text: str) -> int | None:
+    """``--readahead``: a size (rounded up to KiB), or ``keep`` for the kernel's own."""
+    if text == "keep":
+        return None
+    size = _parse_size(text)
+    if not 4096 <= size <= 1 << 30:
+        raise RamfsError(f"readahead {text}: between 4K and 1G, or keep (the kernel's default)")
+    return -(-size // 1024)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -570,7 +582,7 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
                    help="mount options, as in fstab: FUSE's (ro, allow_other, ...) and ramfs's own "
                    "(direct_io, below_4g=SIZE, numa=ID:ID, device=ID@ADDR, jobs=N, log=FILE, run_as=USER, "
-                   "debug, foreground)")
+                   "readahead=SIZE|keep, nonempty, debug, foreground)")
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--direct-io", action="store_true",
@@ -583,6 +595,12 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
                    help="as root: mount and open the images there are now, then drop to USER before "
                    "reading any of them (-o run_as=USER in fstab); images added later are opened as USER")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while the image is indexed")
+    s.add_argument("--readahead", metavar="SIZE|keep", default="1M",
+                   help="the mount's readahead (its bdi read_ahead_kb, set when mounted as root), which "
+                   "also caps the size of each read the kernel asks for: 1M (the default) lets every "
+                   "request be as large as FUSE allows; keep leaves the kernel's 128K")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount even on a directory that is not empty (hiding what is in it)")
     s.add_argument("--systemd", action="store_true",
                    help="run under systemd (Type=notify): stay in the foreground, send READY=1 once "
                    "mounted and STOPPING=1 on unmount, log to the journal (docs/ramfs@.service)")

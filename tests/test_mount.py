@@ -177,6 +177,20 @@ def test_mount_errors_are_one_line(tmp_path, mutable):
     assert r.returncode == 2 and "is not a directory" in r.stderr
 
 
+def test_a_non_empty_mountpoint_is_refused_unless_asked(tmp_path):
+    mp = tmp_path / "busy"
+    mp.mkdir()
+    (mp / "notes.txt").write_text("still here")
+    img = str(fixture_path("firmware/pc-sequential.img"))
+    r = subprocess.run(ramfs_cmd("mount", img, str(mp)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and not os.path.ismount(mp)
+    assert "is not empty" in r.stderr and "notes.txt" in r.stderr and "--nonempty" in r.stderr, r.stderr
+    for extra in (["--nonempty"], ["-o", "nonempty"]):
+        with mounted(fixture_path("firmware/pc-sequential.img"), mp, *extra):
+            assert (mp / "ram" / "pc.ram").is_file() and not (mp / "notes.txt").exists()
+        assert (mp / "notes.txt").read_text() == "still here"
+
+
 def test_unmount_while_readers_are_active(tmp_path):
     img = fixture_path("libvirt/fw-pc-sparse.img")
     mp = tmp_path / "mp"

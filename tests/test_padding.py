@@ -103,3 +103,18 @@ def test_anything_but_zeros_after_the_stream_stays_an_error(guest, tmp_path, whe
     r = _ramfs("check", str(path))
     assert r.returncode == 1, r.stdout
     assert "end of the device state could not be located" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("zeros", [0, 3, 5 * MiB])
+def test_a_stream_without_a_description_keeps_its_own_zeros(zeros):
+    """No vmdesc: the stream ends at its EOF byte (a zero). From a decompressor, the device
+    state handed on still holds it, and zeros after it are not taken for device state."""
+    from streams import PS, sequential_stream
+
+    data = sequential_stream([(0, 0, b"\x01" * PS)], [("pc.ram", 4 * PS)])
+    padded = data + bytes(zeros)
+    chunks = iter([padded[i:i + 4096] for i in range(0, len(padded), 4096)])
+    layout, tail = parse_stream_with_tail(ForwardSource(lambda n: next(chunks, b"")), 0, None)
+    assert layout.eof_offset == len(data) - 1 and layout.vmdesc is None
+    assert (layout.end, layout.padding) == (len(data), zeros)
+    assert tail == data[layout.device_offset:] == b"\x00"

@@ -747,6 +747,18 @@ class _Parser:
             vmdesc=vmdesc, warnings=tuple(self.warnings), padding=self.padding)
 
     def tail(self, device_offset: int, eof: int | None) -> tuple[int | None, bytes | None, int]:
+        found = self._tail(device_offset, eof)
+        if self.tail_data is not None:
+            # The kept tail stops at its last non-zero byte; zeros up to the stream's end (the
+            # EOF byte, a device state ending in zeros) belong to it all the same.
+            missing = found[2] - (device_offset + len(self.tail_data))
+            if missing > MAX_VMDESC_BYTES:
+                self.tail_data = None  # too much to keep: as for any device state that large
+            elif missing > 0:
+                self.tail_data += bytes(missing)
+        return found
+
+    def _tail(self, device_offset: int, eof: int | None) -> tuple[int | None, bytes | None, int]:
         """Locate the VM description: the last thing in the stream, after QEMU_VM_EOF.
 
         Device sections cannot be walked without their vmstate layout, so the description is

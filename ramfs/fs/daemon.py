@@ -22,9 +22,12 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ramfs.errors import RamfsError
+from ramfs.fs.readahead import DEFAULT_READAHEAD_KB, open_readahead, set_readahead
 
 if TYPE_CHECKING:
     import pwd
+
+    from ramfs.fs.ops import Operations
 
     from ramfs.fs.tree import Tree
     from ramfs.image.phys import Placement
@@ -66,7 +69,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
           log_file: str | None = None, cache: str | None = None, jobs: int = 1,
           below_4g: int | None = None, placement: Placement | None = None, systemd: bool = False,
-          user: str | None = None, quiet: bool = False) -> int:
+          user: str | None = None, quiet: bool = False, readahead_kb: int | None = DEFAULT_READAHEAD_KB,
+          nonempty: bool = False) -> int:
     import pyfuse3
     import trio
 
@@ -101,6 +105,18 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         tree.open_directory(source, convert_jobs=jobs)
     else:
         tree.open_image_file(source)
+
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as it:
+                inside = next(it, None)
+        except OSError as e:
+            tree.close()
+            raise RamfsError(f"cannot read mountpoint {mountpoint}: {e.strerror}") from None
+        if inside is not None:
+            tree.close()
+            raise RamfsError(f"mountpoint {mountpoint} is not empty (it holds {inside.name!r}, ...): the mount "
+                             f"would hide what is there; use an empty directory, or --nonempty (-o nonempty)")
 
     def fill() -> None:
         if directory:
@@ -151,6 +167,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     except RuntimeError as e:
         tree.close()
         raise RamfsError(f"cannot mount on {mountpoint}: {e}") from None
+    # Opened now, as whoever mounted (root for --user); written once INIT is answered.
+    readahead_fd = open_readahead(mountpoint) if readahead_kb is not None else None
     ready = None if foreground else _daemonize()
     pidfile = pidfile_for(mountpoint)
     try:
@@ -165,6 +183,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
             # The root half: it never reads an image; it waits, passes signals on, reports
             # how the worker started, and unmounts when the worker is gone.
             os.close(status_w)
+            if readahead_fd is not None:
+                os.close(readahead_fd)  # the worker writes it
             return _supervise(child, status_r, mountpoint, pidfile, tree, systemd, ready, account.pw_name)
         os.close(status_r)
         if ready is not None:
@@ -190,7 +210,7 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
         sd_notify(f"READY=1\nSTATUS=serving {source} on {mountpoint}\nMAINPID={os.getpid()}")
     clean = False
     try:
-        trio.run(_serve)
+        trio.run(_serve, ops, readahead_fd, readahead_kb or 0)
         clean = True
     finally:
         if systemd and account is None:
@@ -357,11 +377,16 @@ def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree: 
     return 0 if code == 0 or -code in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) else 1
 
 
-async def _serve() -> None:
+async def _serve(ops: Operations, readahead_fd: int | None, readahead_kb: int) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
+        if readahead_fd is not None:
+            async def on_init(fd: int) -> None:
+                await ops.initialized.wait()
+                set_readahead(fd, readahead_kb)
+            nursery.start_soon(on_init, readahead_fd)
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
                 async for _ in sigs:

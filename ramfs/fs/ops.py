@@ -122,6 +122,13 @@ class Operations(pyfuse3.Operations):
         self._rescan_lock = trio.Lock()  # scans one at a time (the tree's threading rule)
         self.dynamic_root = tree.root is not None and tree.root.dynamic
         tree.on_entry_gone = _invalidate_entry
+        # Set once the kernel's INIT has been answered (see ramfs.fs.readahead).
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # Called by pyfuse3 inside the INIT request, before its reply: whatever waits on the
+        # event runs after the reply has been written.
+        self.initialized.set()
 
     # -- helpers ---------------------------------------------------------------------
     def _node(self, inode: int) -> Node:
