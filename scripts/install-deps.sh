@@ -15,6 +15,8 @@ done
 qemu_ok() {
     command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
     command -v qemu-system-aarch64 >/dev/null 2>&1 || return 1  # the aarch64 virt guests
+    command -v qemu-system-ppc64 >/dev/null 2>&1 || return 1  # pseries guests (spapr/htab)
+    command -v qemu-system-s390x >/dev/null 2>&1 || return 1  # s390-ccw-virtio (storage attributes)
     # mapped-ram needs QEMU >= 9.0; Debian 12's own QEMU is 7.2.
     local v
     v=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
@@ -48,7 +50,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 if [ "$want_qemu" = 1 ] && ! qemu_ok; then
-    apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-system-arm qemu-utils >/dev/null
+    apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-system-arm qemu-system-ppc qemu-system-s390x qemu-utils >/dev/null
 fi
 # The kernel module may need loading on some hosts; /dev/fuse is present here.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true

@@ -16,7 +16,7 @@ import io
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,8 +25,8 @@ from ramfs.format import encode
 from ramfs.format.libvirt import (LIBVIRT_HEADER_SIZE, QEMU_SAVE_PARTIAL, LibvirtHeader, SaveFormat,
                                   is_libvirt_magic, parse_header)
 from ramfs.format.qcow2 import is_qcow2
-from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, RamSetup, SectionType, StreamLayout,
-                               is_qemu_magic, parse_stream, parse_stream_with_tail)
+from ramfs.format.qemu import (CAP_MAPPED_RAM, CAP_X_IGNORE_SHARED, MigCmd, RamSetup, SectionPiece, SectionType,
+                               StreamLayout, is_qemu_magic, parse_stream, parse_stream_kept)
 from ramfs.format.source import ForwardSource
 from ramfs.image.files import FileSource
 from ramfs.publish import NewFile, reopen_direct
@@ -209,6 +209,7 @@ def _convert_qemu(stream: _Input | Decompressor, fd: int, base: int, lv_header: 
     # The writer is the parser's record sink: pages go straight from the stream to their slots.
     writer = MappedRamWriter(fd, functools.partial(_start_output, fd, base), jobs=jobs, direct_fd=direct_fd)
     tail: bytes | bytearray | None
+    piece: Callable[[SectionPiece], Iterator[bytes | bytearray]]
     try:
         if seekable is not None:
             reporting = _Reporting(seekable, progress, drop_cache=direct_fd is not None)
@@ -216,14 +217,17 @@ def _convert_qemu(stream: _Input | Decompressor, fd: int, base: int, lv_header: 
             tail = seekable.read_at(layout_src.device_offset, layout_src.end - layout_src.device_offset)
             reporting.finish()
             layout_src = _rebase(layout_src, base)
+            piece = functools.partial(_read_piece, seekable, base)
         else:
             fwd = ForwardSource(_Prepend(first, stream.read).read, keep=8 << 20)
-            layout_src, tail = parse_stream_with_tail(fwd, 0, None, sink=writer)
+            kept = parse_stream_kept(fwd, 0, None, sink=writer)
+            layout_src, tail = kept.layout, kept.tail
+            piece = lambda p: iter((kept.piece(p),))  # noqa: E731
     except BaseException:
         writer.abort()
         raise
     writer.finish()
-    size = _write_stream_tail(fd, base, writer.layout, layout_src, tail)
+    size = _write_stream_tail(fd, base, writer.layout, layout_src, tail, piece)
     os.ftruncate(fd, size)
     os.fsync(fd)
     if direct_fd is not None:
@@ -299,7 +303,22 @@ def _rebase(layout: StreamLayout, base: int) -> StreamLayout:
     return dataclasses.replace(
         layout, device_offset=layout.device_offset - base,
         vmdesc_offset=None if layout.vmdesc_offset is None else layout.vmdesc_offset - base,
-        ram_end_offset=layout.ram_end_offset - base, end=layout.end - base)
+        ram_end_offset=layout.ram_end_offset - base, end=layout.end - base,
+        iterables=tuple(dataclasses.replace(it, pieces=tuple(dataclasses.replace(p, offset=p.offset - base)
+                                                             for p in it.pieces))
+                        for it in layout.iterables))
+
+
+def _read_piece(source: SeekableInput, base: int, piece: SectionPiece) -> Iterator[bytes]:
+    """The bytes of an iterable section's piece (offsets relative to the stream at ``base``),
+    COPY_CHUNK at a time: an HPT can be large."""
+    pos, end = base + piece.offset, base + piece.offset + piece.length
+    while pos < end:
+        data = source.read_at(pos, min(COPY_CHUNK, end - pos))
+        if not data:
+            raise FormatError(f"the input ends inside an iterable section at {pos:#x}", pos)
+        yield data
+        pos += len(data)
 
 
 class _Prepend:
@@ -328,17 +347,41 @@ def _peek_caps(first: bytes) -> tuple[str, ...] | None:
 
 
 def _write_stream_tail(fd: int, base: int, layout: list[BlockLayout], src: StreamLayout,
-                       tail: bytes | bytearray | None) -> int:
+                       tail: bytes | bytearray | None,
+                       piece: Callable[[SectionPiece], Iterator[bytes | bytearray]]) -> int:
     """After the last region: close the RAM START, one PART and the END (each just EOS, as
     QEMU writes them under mapped-ram), SWITCHOVER_START if the source had it, then the
-    device state verbatim with the VM description updated. Returns the file size."""
+    device state verbatim with the VM description updated. Returns the file size.
+
+    The other iterable sections' pieces (``spapr/htab``, ``s390-storage_attributes``) follow
+    RAM's of the same kind, verbatim and in their order, as QEMU's setup, iterate and
+    complete loops write them (``qemu_savevm_state_setup``, ``_iterate``,
+    ``_complete_precopy_iterable``): a later piece of the hash table overrides an earlier one."""
     sid = src.ram_section_id
     foot = encode.footer(sid) if src.footers else b""
-    out = bytearray(encode.eos() + foot)
-    out += encode.section_part_end(SectionType.SECTION_PART, sid) + encode.eos() + foot
+    pos = layout[-1].end
+
+    def put(data: bytes | bytearray) -> None:
+        nonlocal pos
+        _pwrite_all(fd, memoryview(data), pos)
+        pos += len(data)
+
+    def pieces(kind: int) -> None:
+        for p in src.pieces(kind):
+            for data in piece(p):
+                put(data)
+
+    put(encode.eos() + foot)
+    pieces(SectionType.SECTION_START)
+    put(encode.section_part_end(SectionType.SECTION_PART, sid) + encode.eos() + foot)
+    pieces(SectionType.SECTION_PART)
+    out = bytearray()
     if src.switchover_start:
         out += encode.command(MigCmd.SWITCHOVER_START)
     out += encode.section_part_end(SectionType.SECTION_END, sid) + encode.eos() + foot
+    put(out)
+    pieces(SectionType.SECTION_END)
+    out = bytearray()
     if tail is None:
         if src.device_offset == src.end:
             raise UnsupportedError("the stream ends right after RAM: it has no device state to carry over")
@@ -349,9 +392,8 @@ def _write_stream_tail(fd: int, base: int, layout: list[BlockLayout], src: Strea
         out += encode.vmdesc_section(encode.vmdesc_with_mapped_ram(src.vmdesc))
     else:
         out += tail
-    pos = layout[-1].end
-    _pwrite_all(fd, bytes(out), pos)
-    return pos + len(out)
+    put(out)
+    return pos
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

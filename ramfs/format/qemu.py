@@ -4,7 +4,9 @@ Sources (QEMU 10.0): migration/savevm.c (``qemu_savevm_state_header``,
 ``vmstate_configuration``, ``save_section_header``, ``save_section_footer``,
 ``qemu_savevm_command_send``, ``qemu_loadvm_state_main``), migration/ram.c
 (``ram_save_setup``, ``save_page_header``, ``ram_load_precopy``, ``parse_ramblocks``,
-``parse_ramblock_mapped_ram``). docs/formats.md tells the same in prose.
+``parse_ramblock_mapped_ram``), hw/ppc/spapr.c (``htab_save_setup``, ``htab_save_iterate``,
+``htab_save_complete``, ``htab_load``), hw/s390x/s390-stattrib.c (``cmma_save``,
+``cmma_load``). docs/formats.md tells the same in prose.
 
 :func:`parse_stream` walks the whole stream once. It never copies page payloads: for a
 sequential stream it reports the page records to a :class:`RecordSink` (the page index, or
@@ -114,6 +116,40 @@ assert MAPPED_RAM_HEADER.size == 28
 # absurd ones in memory. Streams keep at most this much of their tail.
 MAX_VMDESC_BYTES = 16 << 20
 
+# --- iterable sections besides RAM -----------------------------------------------------
+# They interleave with RAM (START ram, START x, PART ram, PART x, ..., END ram, END x) and
+# nothing gives their length up front: each is delimited by walking its own format the way
+# its loader reads it. Their bytes are device state, kept verbatim, never interpreted.
+#
+# ppc64 pseries: the hashed page table (hw/ppc/spapr.c spapr_machine_init:
+# register_savevm_live("spapr/htab", VMSTATE_INSTANCE_ID_ANY, 1, &savevm_htab_handlers)).
+SPAPR_HTAB_IDSTR = "spapr/htab"
+SPAPR_HTAB_VERSION = 1  # htab_load: "bad version" for any other
+# The be32 that opens every htab section (htab_save_setup, htab_save_iterate,
+# htab_save_complete): -1 no hash table (radix guest), non-zero the table's size as a shift
+# (spapr_reallocate_hpt), 0 chunks follow.
+HTAB_NO_HPT = 0xFFFFFFFF
+HTAB_SHIFT_MIN, HTAB_SHIFT_MAX = 18, 46  # spapr_hpt_shift_for_ramsize: architected sizes
+HASH_PTE_SIZE_64 = 16  # target/ppc/mmu-hash64.h
+HTAB_CHUNK = struct.Struct(">IHH")  # htab_save_chunk: index, n_valid, n_invalid, HPTEs;
+# htab_save_end_marker writes index 0 with no entries.
+# s390x: CMMA storage attributes (hw/s390x/s390-stattrib.c s390_stattrib_realize:
+# register_savevm_live(TYPE_S390_STATTRIB, 0, 0, &savevm_s390_stattrib_handlers)).
+S390_STATTRIB_IDSTR = "s390-storage_attributes"
+S390_STATTRIB_VERSION = 0
+# cmma_save / cmma_load: be64 words whose bits below the page size are one flag.
+STATTR_FLAG_EOS = 0x01  # ends the section's data
+STATTR_FLAG_MORE = 0x02  # (gfn << page bits) | MORE, be64 count, count attribute bytes
+STATTR_FLAG_ERROR = 0x04  # cmma_load fails: "Storage attributes data is incomplete"
+STATTR_FLAG_DONE = 0x08  # after the last value (cmma_save with final)
+# A real stream has a few pieces per iteration of the migration loop; more than this is not
+# a save QEMU wrote, and the layout holds one record per piece.
+MAX_ITERABLE_PIECES = 1 << 20
+# A stream of unknown length (a compressed image being converted) cannot be read back, so
+# the pieces' bytes are kept in memory while parsing, up to this much.
+MAX_KEPT_SECTION_BYTES = 256 << 20
+_STEP = 1 << 20  # payloads are stepped over this much at a time (bounded reads)
+
 _BE64 = struct.Struct(">Q")
 
 
@@ -170,6 +206,31 @@ class Command:
             return f"cmd{self.cmd}"
 
 
+@dataclass(frozen=True, slots=True)
+class SectionPiece:
+    """One START, PART or END section of an iterable section other than RAM."""
+
+    kind: int  # SectionType.SECTION_START, _PART or _END
+    offset: int  # of the section type byte
+    length: int  # through its footer
+
+
+@dataclass(frozen=True)
+class IterableSection:
+    """An iterable section besides RAM (``spapr/htab``, ``s390-storage_attributes``): where
+    its pieces are, in stream order. ramfs carries them over verbatim."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version: int
+    pieces: tuple[SectionPiece, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+
 @dataclass(frozen=True)
 class StreamLayout:
     """Everything about one QEMU stream except page contents."""
@@ -196,6 +257,12 @@ class StreamLayout:
     # or a preallocated volume (``migrate "exec:dd of=/dev/vg/lv"``, Proxmox VE's vmstate
     # volumes) is followed by whatever the device held, zeros when it was fresh.
     padding: int = 0
+    # Iterable sections other than RAM, in the order of their START sections.
+    iterables: tuple[IterableSection, ...] = ()
+
+    def pieces(self, kind: int) -> list[SectionPiece]:
+        """The other iterable sections' pieces of one kind, in stream order."""
+        return sorted((p for s in self.iterables for p in s.pieces if p.kind == kind), key=lambda p: p.offset)
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -293,6 +360,28 @@ def is_qemu_magic(head: bytes) -> bool:
     return head[:4] == QEMU_VM_FILE_MAGIC_BYTES
 
 
+class _Iterable:
+    """A non-RAM iterable section while it is parsed."""
+
+    __slots__ = ("section_id", "idstr", "instance_id", "version", "walk", "pieces", "ended", "slots")
+
+    def __init__(self, section_id: int, idstr: str, instance_id: int, version: int, walk: str):
+        self.section_id, self.idstr, self.instance_id, self.version = section_id, idstr, instance_id, version
+        self.walk = walk  # the _Parser method that walks one piece's body
+        self.pieces: list[SectionPiece] = []
+        self.ended = False
+        self.slots: int | None = None  # spapr/htab: hash table entries, once the size is known
+
+
+# idstr -> (version, walker): the iterable sections whose format ramfs knows. In QEMU 10.0
+# the others are "dirty-bitmap" (only with the dirty-bitmaps capability) and VFIO devices;
+# slirp, s390-skeys and todclock only have save_state, so they are FULL sections.
+_ITERABLE_FORMATS = {
+    SPAPR_HTAB_IDSTR: (SPAPR_HTAB_VERSION, "walk_htab"),
+    S390_STATTRIB_IDSTR: (S390_STATTRIB_VERSION, "walk_stattrib"),
+}
+
+
 class _Parser:
     def __init__(self, source: Source, base: int, end: int | None, sink: RecordSink | None = None):
         self.src = source
@@ -315,6 +404,12 @@ class _Parser:
         self.current_block: int | None = None  # CONTINUE carries across sections
         self.postcopy_advised = False
         self.mapped = False
+        self.iterables: dict[int, _Iterable] = {}  # section id -> state, other than RAM
+        self.n_pieces = 0
+        # A stream of unknown length keeps the other iterable sections' bytes (see
+        # MAX_KEPT_SECTION_BYTES); ``_kept_pos`` is how far they are kept.
+        self.kept: bytearray | None = bytearray() if self.cur.end is None else None
+        self._kept_pos = 0
 
     # -- framing -------------------------------------------------------------------
     def header(self) -> None:
@@ -670,7 +765,7 @@ class _Parser:
             if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
                 sid = cur.be32("section id")
                 idstr = cur.name("section idstr")
-                cur.be32("instance id")
+                instance = cur.be32("instance id")
                 version = cur.be32("section version")
                 if t == SectionType.SECTION_FULL:
                     if ram_id is None:
@@ -681,9 +776,13 @@ class _Parser:
                             f"early setup?): its length cannot be known", start)
                     device_offset = start
                     break
+                if sid in self.iterables or sid == ram_id:
+                    raise FormatError(f"second START section with id {sid}", start)
                 if idstr != RAM_SECTION_IDSTR:
-                    raise UnsupportedError(f"iterable section {idstr!r} besides RAM: ramfs cannot "
-                                           f"delimit it", start)
+                    if ram_id is None:
+                        raise FormatError(f"iterable section {idstr!r} before the RAM section", start)
+                    self.iterable_start(start, sid, idstr, instance, version)
+                    continue
                 if ram_id is not None:
                     raise FormatError("second RAM START section", start)
                 if version != RAM_SECTION_VERSION:
@@ -697,6 +796,9 @@ class _Parser:
                 self.footer(sid, "RAM START")
             elif t in (SectionType.SECTION_PART, SectionType.SECTION_END):
                 sid = cur.be32("section id")
+                if sid in self.iterables:
+                    self.iterable_part(start, t, self.iterables[sid])
+                    continue
                 if ram_id is None or sid != ram_id:
                     raise FormatError(f"section {'PART' if t == 2 else 'END'} for unknown section id "
                                       f"{sid}", start)
@@ -744,7 +846,128 @@ class _Parser:
             blocks=tuple(self.blocks), mapped_ram=self.mapped, footers=bool(self.footers),
             ram_parts=parts, commands=tuple(commands), ram_end_offset=ram_end,
             device_offset=device_offset, eof_offset=eof, vmdesc_offset=vmdesc_offset,
-            vmdesc=vmdesc, warnings=tuple(self.warnings), padding=self.padding)
+            vmdesc=vmdesc, warnings=tuple(self.warnings), padding=self.padding,
+            iterables=tuple(IterableSection(it.section_id, it.idstr, it.instance_id, it.version,
+                                            tuple(it.pieces)) for it in self.iterables.values()))
+
+    # -- iterable sections besides RAM ---------------------------------------------------
+    def iterable_start(self, start: int, sid: int, idstr: str, instance: int, version: int) -> None:
+        walk = _ITERABLE_FORMATS.get(idstr)
+        if walk is None:
+            raise UnsupportedError(f"iterable section {idstr!r} besides RAM: ramfs does not know its "
+                                   f"format, so it cannot delimit it", start)
+        want, method = walk
+        if version != want:
+            raise UnsupportedError(f"iterable section {idstr!r} version {version} (ramfs knows {want})", start)
+        it = _Iterable(sid, idstr, instance, version, method)
+        self.iterables[sid] = it
+        self.iterable_piece(start, SectionType.SECTION_START, it)
+
+    def iterable_part(self, start: int, kind: int, it: _Iterable) -> None:
+        if it.ended:
+            raise FormatError(f"section {it.idstr!r} continues after its END", start)
+        self.iterable_piece(start, kind, it)
+        it.ended = kind == SectionType.SECTION_END
+
+    def iterable_piece(self, start: int, kind: int, it: _Iterable) -> None:
+        """Walk the body of one piece (its header already read) and its footer."""
+        self.n_pieces += 1
+        if self.n_pieces > MAX_ITERABLE_PIECES:
+            raise UnsupportedError(f"more than {MAX_ITERABLE_PIECES} pieces of iterable sections", start)
+        self._kept_pos = start
+        what = f"{it.idstr!r} {SectionType(kind).name.removeprefix('SECTION_')}"
+        getattr(self, it.walk)(it, what)
+        self.footer(it.section_id, what)
+        self._keep()
+        it.pieces.append(SectionPiece(int(kind), start, self.cur.pos - start))
+
+    def _advance(self, n: int, what: str) -> None:
+        """Step over ``n`` payload bytes (kept when the stream cannot be read back), never
+        asking the source for more than ``_STEP`` at a time."""
+        cur = self.cur
+        if self.kept is None:
+            cur.skip(n, what)
+            return
+        while n > 0:
+            step = min(n, _STEP)
+            cur.skip(step, what)
+            n -= step
+            self._keep()
+
+    def _keep(self) -> None:
+        """Keep the bytes up to the cursor, for a stream that cannot be read back (each step
+        is at most a record or ``_STEP``, well within ForwardSource's window)."""
+        kept = self.kept
+        if kept is None:
+            return
+        pos = self.cur.pos
+        n = pos - self._kept_pos
+        if n <= 0:
+            return
+        if len(kept) + n > MAX_KEPT_SECTION_BYTES:
+            raise UnsupportedError(f"iterable sections besides RAM hold over {MAX_KEPT_SECTION_BYTES >> 20} MiB: "
+                                   f"too much to carry over from a stream that cannot be read back "
+                                   f"(decompress the image first)", self._kept_pos)
+        data = self.src.read_at(self._kept_pos, n)
+        if len(data) != n:
+            raise TruncatedError("data ends inside an iterable section", self._kept_pos + len(data))
+        kept += data
+        self._kept_pos = pos
+
+    def walk_htab(self, it: _Iterable, what: str) -> None:
+        """hw/ppc/spapr.c ``htab_load``: a be32 header, then (when it is 0) chunks up to the
+        end marker."""
+        cur = self.cur
+        at = cur.pos
+        hdr = cur.be32(f"{what} header")
+        if hdr == HTAB_NO_HPT:
+            it.slots = None  # spapr_free_hpt
+            return
+        if hdr:
+            if not HTAB_SHIFT_MIN <= hdr <= HTAB_SHIFT_MAX:
+                raise FormatError(f"{what}: hash table shift {hdr} is out of range "
+                                  f"({HTAB_SHIFT_MIN}..{HTAB_SHIFT_MAX})", at)
+            it.slots = (1 << hdr) // HASH_PTE_SIZE_64
+            return
+        if it.slots is None:
+            raise FormatError(f"{what}: hash table entries but no hash table size before them", at)
+        while True:
+            rec = cur.pos
+            index, n_valid, n_invalid = HTAB_CHUNK.unpack(cur.read(HTAB_CHUNK.size, f"{what} chunk header"))
+            if index == 0 and n_valid == 0 and n_invalid == 0:
+                return
+            if index + n_valid + n_invalid > it.slots:
+                raise FormatError(f"{what}: chunk of entries {index}+{n_valid}+{n_invalid} past the "
+                                  f"{it.slots} entries of the hash table", rec)
+            self._advance(n_valid * HASH_PTE_SIZE_64, f"{what} hash table entries")
+            self._keep()
+
+    def walk_stattrib(self, it: _Iterable, what: str) -> None:
+        """hw/s390x/s390-stattrib.c ``cmma_load``: flagged be64 words up to EOS."""
+        cur = self.cur
+        mask = self.page_size - 1
+        guest_pages = sum(self.lengths) // self.page_size
+        while True:
+            rec = cur.pos
+            word = cur.be64(f"{what} record")
+            flags = word & mask
+            if flags == STATTR_FLAG_EOS:
+                return
+            if flags == STATTR_FLAG_DONE:
+                continue
+            if flags == STATTR_FLAG_MORE:
+                gfn = word // self.page_size
+                count = cur.be64(f"{what} count")
+                if gfn + count > guest_pages:
+                    raise FormatError(f"{what}: attributes of pages {gfn}+{count}, past the "
+                                      f"{guest_pages} pages of the guest", rec)
+                self._advance(count, f"{what} attribute values")
+                self._keep()
+            elif flags == STATTR_FLAG_ERROR:
+                raise FormatError(f"{what}: ERROR record (QEMU could not read the attributes when "
+                                  f"saving; it refuses to load this stream)", rec)
+            else:
+                raise FormatError(f"{what}: record with unknown flags {flags:#x}", rec)
 
     def tail(self, device_offset: int, eof: int | None) -> tuple[int | None, bytes | None, int]:
         found = self._tail(device_offset, eof)
@@ -925,8 +1148,41 @@ def parse_stream_with_tail(source: Source, base: int = 0, end: int | None = None
     """:func:`parse_stream`, also returning, for a source of unknown length (a stream), the
     bytes from the first device section to the end, which can no longer be read back once
     consumed (None for a source of known size)."""
+    kept = parse_stream_kept(source, base, end, sink)
+    return kept.layout, kept.tail
+
+
+@dataclass(frozen=True)
+class KeptStream:
+    """A parse of a stream that cannot be read back, with the bytes a copy needs."""
+
+    layout: StreamLayout
+    tail: bytes | bytearray | None  # from the first device section to the end
+    sections: bytes | bytearray | None  # every piece of layout.iterables, in stream order
+
+    @functools.cached_property
+    def _starts(self) -> dict[int, int]:
+        starts, pos = {}, 0
+        for p in sorted((q for s in self.layout.iterables for q in s.pieces), key=lambda q: q.offset):
+            starts[p.offset] = pos
+            pos += p.length
+        return starts
+
+    def piece(self, piece: SectionPiece) -> bytes | bytearray:
+        """The bytes of one piece (from ``sections``)."""
+        at = self._starts.get(piece.offset)
+        if self.sections is None or at is None:
+            raise FormatError("internal: the bytes of this iterable section piece were not kept", piece.offset)
+        return self.sections[at:at + piece.length]
+
+
+def parse_stream_kept(source: Source, base: int = 0, end: int | None = None,
+                      sink: RecordSink | None = None) -> KeptStream:
+    """:func:`parse_stream_with_tail`, also keeping the bytes of the iterable sections
+    besides RAM when the source has no known length (they cannot be read back either)."""
     p = _Parser(source, base, source.size if end is None else end, sink)
-    return p.parse(), p.tail_data
+    layout = p.parse()
+    return KeptStream(layout, p.tail_data, p.kept)
 
 
 # --- bitmaps (ram.c ram_save_file_bmap: a raw dump of the host's unsigned long array) ------

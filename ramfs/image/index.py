@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ramfs.errors import CacheError
-from ramfs.format.qemu import Command, Configuration, MappedRamHeader, RamBlockRecord, RamSetup, StreamLayout
+from ramfs.format.qemu import (Command, Configuration, IterableSection, MappedRamHeader, RamBlockRecord, RamSetup,
+                               SectionPiece, StreamLayout)
 from ramfs.image.cache import CACHE_FORMAT_VERSION, atomic_tmp
 
 CHUNK_SHIFT = 15  # 32768 pages = 128 MiB of 4 KiB pages per chunk; 256 KiB of offsets
@@ -234,6 +235,8 @@ def layout_from_json(d: dict[str, Any]) -> StreamLayout:
     d["blocks"] = tuple(blocks)
     d["commands"] = tuple(Command(**c) for c in d["commands"])
     d["warnings"] = tuple(d["warnings"])
+    d["iterables"] = tuple(IterableSection(**{**it, "pieces": tuple(SectionPiece(**p) for p in it["pieces"])})
+                           for it in d.get("iterables", ()))
     if d["vmdesc"] is not None:
         d["vmdesc"] = d["vmdesc"].encode("utf-8", "surrogateescape")
     return StreamLayout(**d)

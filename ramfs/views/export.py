@@ -11,6 +11,8 @@ sequential stream. :class:`SequentialExport` lays one out without writing anythi
 * one PART section holding a PAGE record for every populated page, block by block: the first
   record of a block names it, the others say CONTINUE (``save_page_header``), then EOS;
 * the SWITCHOVER_START command if the source had one, the END section (EOS);
+* the other iterable sections' pieces (ppc64 ``spapr/htab``, s390x ``s390-storage_attributes``)
+  as the source has them, each kind after RAM's START, PART or END;
 * the device state and QEMU_VM_EOF as the source has them, and the VM description with the
   capability taken out of its ``configuration`` object.
 
@@ -225,8 +227,19 @@ class SequentialExport:
                 head += _BE64.pack(rec.postcopy_page_size)
             if rec.ignore_shared_addr is not None:
                 head += _BE64.pack(rec.ignore_shared_addr)
-        head += encode.eos() + foot + encode.section_part_end(SectionType.SECTION_PART, sid)
+        head += encode.eos() + foot
         add_bytes(bytes(head))
+
+        def add_pieces(kind: int) -> None:
+            # The other iterable sections (spapr/htab, s390-storage_attributes) verbatim, each
+            # kind after RAM's, in their order (see ramfs.convert.core._write_stream_tail).
+            nonlocal pos
+            for p in lay.pieces(kind):
+                segs.append(_Stream(pos, p.length, p.offset))
+                pos += p.length
+
+        add_pieces(SectionType.SECTION_START)
+        add_bytes(encode.section_part_end(SectionType.SECTION_PART, sid))
         self.records: list[_Records] = []
         for blk in image.blocks:
             r = _Records(pos, blk, ps)
@@ -234,11 +247,14 @@ class SequentialExport:
                 segs.append(r)
                 self.records.append(r)
                 pos = r.end
-        tail = bytearray(encode.eos() + foot)
+        add_bytes(encode.eos() + foot)
+        add_pieces(SectionType.SECTION_PART)
+        tail = bytearray()
         if lay.switchover_start:
             tail += encode.command(MigCmd.SWITCHOVER_START)
         tail += encode.section_part_end(SectionType.SECTION_END, sid) + encode.eos() + foot
         add_bytes(bytes(tail))
+        add_pieces(SectionType.SECTION_END)
         dev_end = lay.eof_offset + 1
         segs.append(_Stream(pos, dev_end - lay.device_offset, lay.device_offset))
         pos += dev_end - lay.device_offset
