@@ -214,6 +214,8 @@ def _print_info(facts: dict[str, Any]) -> None:
         ("RAM total", _size(facts["ram_total"])),
         ("devices", str(len(facts["devices"])) if facts["devices"] is not None else "- (no vmdesc)"),
     ]
+    for it in facts["stream"]["iterables"]:
+        rows.append(("section", f"{it['idstr']} ({it['pieces']} pieces, {_size(it['bytes'])}; kept, not decoded)"))
     if facts["stream"]["padding"]:
         rows.append(("after stream", f"{facts['stream']['padding']} bytes of zeros (padding, ignored)"))
     w = max(len(k) for k, _ in rows)

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 import qemu_images as qi
@@ -376,7 +377,11 @@ def test_ram_equals_pmemsave(guest, which):
     assert check.returncode == 0, check.stdout + check.stderr
     info = _ramfs("info", "--json", str(d / which))
     assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
-    assert json.loads(info.stdout)
+    facts = json.loads(info.stdout)
+    jsonschema.validate(facts, json.loads((Path(__file__).resolve().parent.parent / "docs" / "info.schema.json")
+                                          .read_text()))
+    assert [(it["idstr"], it["bytes"]) for it in facts["stream"]["iterables"]] == \
+        [(it.idstr, it.size) for it in img.layout.iterables]
 
 
 def test_convert_restores_in_qemu(guest, tmp_path):

@@ -77,6 +77,9 @@ def describe(image: Image, below_4g: int | None = None, placement: Placement | N
             "vmdesc_size": len(layout.vmdesc) if layout.vmdesc is not None else None,
             "end_offset": layout.end,
             "padding": layout.padding,
+            "iterables": [{"idstr": it.idstr, "section_id": it.section_id, "instance_id": it.instance_id,
+                           "version": it.version, "pieces": len(it.pieces), "bytes": it.size}
+                          for it in layout.iterables],
             # Offsets above count in the decompressed stream for formats 1-5, else in the file.
             "decompressed": bool(image.format is not None and image.format.compressed),
         },
