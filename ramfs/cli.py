@@ -273,7 +273,25 @@ def _versions() -> str:
             libfuse = f"{v // 10}.{v % 10} (API)"
         break
     return (f"ramfs {__version__}\npyfuse3 {pyfuse}\nlibfuse {libfuse}\n"
-            f"Python {platform.python_version()} ({sys.executable})")
+            f"Python {platform.python_version()} ({sys.executable})\n{_mount_helper_line()}")
+
+
+# What /bin/sh searches when mount.fuse3 runs "ramfs SOURCE MOUNTPOINT -o OPTS" for
+# `mount -t fuse.ramfs` or an fstab line and no PATH is set (dash's default; systemd's is the
+# same set of directories): a pipx install under ~/.local/bin is not on it.
+MOUNT_HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _mount_helper_line() -> str:
+    import shutil
+
+    found = shutil.which("ramfs", path=MOUNT_HELPER_PATH)
+    this = shutil.which("ramfs") or sys.argv[0]
+    if found is None:
+        return (f"mount -t fuse.ramfs: no ramfs on {MOUNT_HELPER_PATH}; fstab lines will fail with "
+                f"'ramfs: not found' (ln -s {os.path.realpath(this)} /usr/local/bin/ramfs, or see the README)")
+    return f"mount -t fuse.ramfs runs {found}" + ("" if os.path.realpath(found) == os.path.realpath(this) else
+                                                  f" (not this one: {this})")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -788,12 +806,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except RamfsError as e:
-        print(f"ramfs: error: {_show(str(e))}", file=sys.stderr)
+        print(f"ramfs: error: {_show(_about(args, str(e)))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+
+
+def _about(args: argparse.Namespace, message: str) -> str:
+    """The message, naming the image it is about when it does not already (a truncation
+    found deep in the parser knows the offset, not the file)."""
+    image = getattr(args, "image", None) or getattr(args, "src", None) or getattr(args, "source", None)
+    if isinstance(image, list):
+        image = image[0] if len(image) == 1 else None
+    others = [p for p in (getattr(args, "mountpoint", None), getattr(args, "dst", None),
+                          getattr(args, "out", None)) if isinstance(p, str)]
+    if (isinstance(image, str) and image not in message and os.path.realpath(image) not in message
+            and not any(p in message or os.path.realpath(p) in message for p in others)):
+        return f"{image}: {message}"
+    return message
 
 
 def mount_main() -> int:

@@ -16,13 +16,15 @@ class Progress:
         self.label = label
         self.t0 = time.monotonic()
         self._last = 0.0
+        self._count = 0
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, *, force: bool = False) -> None:
         if not self.enabled:
             return
+        self._count = done
         now = time.monotonic()
-        if now - self._last < 0.2:
-            return
+        if now - self._last < 0.2 and not force:
+            return  # at most 5 frames a second; done() draws the last one
         self._last = now
         elapsed = max(now - self.t0, 1e-6)
         rate = done / elapsed
@@ -45,6 +47,7 @@ class Progress:
 
     def done(self) -> None:
         if self.enabled and self._last:
+            self(self._count, force=True)  # the last count, not the last frame drawn
             self.stream.write("\n")
             self._last = 0.0
             self.stream.flush()

@@ -97,3 +97,39 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tmp_path):
     piped = subprocess.run([sys.executable, "-m", "ramfs.cli", "ls", str(seq)], capture_output=True, text=True,
                            env=env, timeout=120)
     assert "scanning" not in piped.stdout + piped.stderr
+
+
+def test_the_progress_bar_ends_on_the_last_count():
+    """Frames are throttled to five a second; the one left on the terminal is the last
+    count (100 % for a finished scan), not whichever frame was drawn last."""
+    import io
+
+    from ramfs.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(1000, "indexing", enabled=True, stream=out)
+    for done in range(0, 1001, 40):
+        bar(done)
+    assert "100.0%" not in out.getvalue()  # throttled: only the first frame so far
+    bar.done()
+    assert out.getvalue().rsplit("\r", 1)[-1].startswith("indexing [" + "#" * 30 + "] 100.0%")
+    assert out.getvalue().endswith("\n")
+
+
+def test_errors_name_the_file_they_are_about(tmp_path, mutable):
+    """A truncation found deep in the parser knows an offset; the user also needs the file.
+    A directory, a device and a missing file say what they are."""
+    for src in ("firmware/pc-sequential.img", "firmware/pc-mapped-ram.img"):
+        cut = mutable(fixture_path(src))
+        with open(cut, "r+b") as f:
+            f.truncate(1_000_000)
+        for cmd in (["info"], ["ls"], ["export", "-q"], ["convert", "-q"]):
+            extra = [str(tmp_path / f"out-{cmd[0]}")] if cmd[0] in ("export", "convert") else []
+            r = ramfs(*cmd, str(cut), *extra)
+            assert r.returncode == 2 and r.stderr.startswith(f"ramfs: error: {cut}: "), (cmd, r.stderr)
+            assert len(r.stderr.splitlines()) == 1
+    (tmp_path / "emptydir").mkdir()
+    for path, says in ((tmp_path / "emptydir", "is a directory"), ("/dev/zero", "is a character device"),
+                       (tmp_path / "missing.save", "No such file or directory")):
+        r = ramfs("info", str(path))
+        assert r.returncode == 2 and r.stderr.count(str(path)) == 1 and says in r.stderr, r.stderr

@@ -191,6 +191,19 @@ def test_a_non_empty_mountpoint_is_refused_unless_asked(tmp_path):
         assert (mp / "notes.txt").read_text() == "still here"
 
 
+def test_an_image_named_convert_is_said_not_shown(tmp_path):
+    saves = tmp_path / "saves"
+    saves.mkdir()
+    shutil.copy(fixture_path("firmware/pc-sequential.img"), saves / "convert")
+    shutil.copy(fixture_path("firmware/pc-sequential.img"), saves / "vm.save")
+    mp = tmp_path / "mp"
+    with mounted(saves, mp):
+        assert sorted(p.name for p in mp.iterdir()) == ["convert", "vm.save"]
+        assert (mp / "convert").is_dir() and not (mp / "convert" / "ram").exists()
+    log = (tmp_path / "mp.log").read_text()
+    assert f"{saves}/convert is not shown" in log and "rename the file" in log, log
+
+
 def test_unmount_while_readers_are_active(tmp_path):
     img = fixture_path("libvirt/fw-pc-sparse.img")
     mp = tmp_path / "mp"

@@ -49,9 +49,26 @@ def test_pipx_install_gives_ramfs(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "__pycache__",
                                                              ".pytest_cache"))
-    env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    # The README's commands, with tmp_path for /opt/pipx and /usr/local.
+    local = tmp_path / "usr-local"
+    env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(local / "bin"))
     r = subprocess.run(["pipx", "install", str(src)], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    out = subprocess.run([str(tmp_path / "bin" / "ramfs"), "--version"], capture_output=True, text=True)
+    ramfs = str(local / "bin" / "ramfs")
+    out = subprocess.run([ramfs, "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ramfs ") and "libfuse 3." in out.stdout
-    assert (tmp_path / "bin" / "ramfs-mount").exists()
+    assert (local / "bin" / "ramfs-mount").exists()
+    man1 = local / "share" / "man" / "man1"
+    man1.mkdir(parents=True)
+    (man1 / "ramfs.1").write_text(subprocess.run([ramfs, "manpage"], capture_output=True, text=True,
+                                                 check=True).stdout)
+    found = subprocess.run(["man", "-M", str(local / "share" / "man"), "-w", "ramfs"], capture_output=True, text=True)
+    assert found.stdout.strip() == str(man1 / "ramfs.1"), found
+    # What mount.fuse3's shell would find: this install only when it is on the default path.
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("mount -t fuse.ramfs ")
+    shell = subprocess.run(["env", "-u", "PATH", "/bin/sh", "-c", "command -v ramfs"], capture_output=True, text=True)
+    if shell.returncode == 0:
+        assert last.startswith(f"mount -t fuse.ramfs runs {shell.stdout.strip()}"), (last, shell.stdout)
+    else:
+        assert "no ramfs on" in last and "ln -s" in last, last

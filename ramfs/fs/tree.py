@@ -566,7 +566,8 @@ class Tree:
                     continue
                 if name == CONVERT_DIR:
                     if name not in self._not_images:
-                        log.warning("%s/convert is not shown: the name is taken by convert/", self.backing)
+                        log.warning("%s/convert is not shown: the mount's convert/ directory has that name "
+                                    "(rename the file, e.g. to convert.save, and it shows)", self.backing)
                         self._not_images[name] = ()
                     continue
                 old = self._entries.get(name)
