@@ -156,6 +156,63 @@ def seq_reads(ctx: Ctx) -> None:
                                  "passthrough_rss": measured[("passthrough", "rss")]})
 
 
+READAHEAD_SETTINGS = (("keep", None), ("1M", 1024), ("4M", 4096))  # ramfs --readahead, bdi KiB
+READAHEAD_ROUNDS = 3
+
+
+def _set_bdi_readahead(mp: Path, kb: int) -> None:
+    """The passthrough gets the same setting as ramfs, written the same way (after INIT)."""
+    from ramfs.fs.readahead import mount_device
+
+    dev = mount_device(str(mp))
+    if dev is None:
+        raise RuntimeError(f"{mp} is not in /proc/self/mountinfo")
+    Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+
+
+def readahead(ctx: Ctx) -> None:
+    """Sequential 1 MiB reads of the dense range of ram/pc.ram with the mount's readahead left at
+    the kernel's 128 KiB (``--readahead keep``, what ramfs did before) and raised to 1 and 4 MiB,
+    against the passthrough with the same bdi setting; cold and warm, buffered; rounds with the
+    two systems taking turns, median kept."""
+    imgs = ctx.small
+    dense = min(GIB, dense_bytes(imgs.recipe))
+    rows = ctx.results.setdefault("readahead", [])
+    for kind in ("mapped", "seq"):
+        image = getattr(imgs, kind)
+        facts = block_facts(image, ctx.env)
+        offsets = {"ramfs": DENSE_OFFSET, "passthrough": facts["dense_file_offset"] // 4096 * 4096}
+        for label, kb in READAHEAD_SETTINGS:
+            samples: dict = {"ramfs": {"cold": [], "warm": []}, "passthrough": {"cold": [], "warm": []}}
+            with workdir(ctx.work, "mnt") as w:
+                (w / "rw").mkdir()
+                ram = ramfs_mount(image, w / "r", "--readahead", label, env=ctx.env)
+                try:
+                    pt = passthrough_mount(image, w / "rw", w / "p")
+                    try:
+                        if kb is not None:
+                            _set_bdi_readahead(pt.mp, kb)
+                        paths = {"ramfs": ram.mp / "ram" / "pc.ram", "passthrough": pt.mp / "file"}
+                        for r in range(READAHEAD_ROUNDS):
+                            for system in (("ramfs", "passthrough") if r % 2 == 0 else ("passthrough", "ramfs")):
+                                drop_caches()
+                                cold = dd(paths[system], bs=MIB, offset=offsets[system], count=dense)
+                                hot = dd(paths[system], bs=MIB, offset=offsets[system], count=dense)
+                                samples[system]["cold"].append(cold["gbps"])
+                                samples[system]["warm"].append(hot["gbps"])
+                    finally:
+                        pt.close()
+                finally:
+                    ram.close()
+            for state in ("cold", "warm"):
+                r, p = median(samples["ramfs"][state]), median(samples["passthrough"][state])
+                rows.append({"image": f"{imgs.recipe.ram_gib} GiB {kind}", "readahead": label,
+                             "bdi_kb": kb if kb is not None else 128, "state": state, "bytes": dense,
+                             "ramfs": r, "passthrough": p, "ratio_pt": r / p})
+            log(f"readahead {kind} {label}: ramfs cold {median(samples['ramfs']['cold']):.2f} GB/s, "
+                f"passthrough cold {median(samples['passthrough']['cold']):.2f} GB/s")
+
+
 def big_reads(ctx: Ctx) -> None:
     """Peak RSS of the mount daemon after reading the whole pc.ram of the biggest guest."""
     imgs = ctx.big

@@ -347,6 +347,22 @@ def render(res: dict) -> str:
             one = next(x for x in sr if x["image"] == kind)
             s.append(f"Peak RSS of the daemons over these reads: ramfs {_mib(one['ramfs_rss'])} (last mount), "
                      f"passthrough {_mib(one['passthrough_rss'])}.\n")
+    ra = res.get("readahead") or []
+    if ra:
+        s.append("### Readahead of the mount\n")
+        s.append("`dd bs=1M` of the dense range of `ram/pc.ram` with the mount's readahead (its bdi "
+                 "`read_ahead_kb`) at the kernel's 128 KiB (`--readahead keep`: ramfs before it set its own), "
+                 "1 MiB (ramfs's default now) and 4 MiB, against the passthrough with the same `read_ahead_kb` "
+                 "written the same way; the kernel never sends a READ larger than the readahead window (nor "
+                 "than 1 MiB, FUSE's `max_pages`). Buffered; cold and warm as above; "
+                 f"{ra[0].get('rounds', 3)} rounds, the two systems taking turns, medians"
+                 + (f"; {res['readahead_note']}" if res.get("readahead_note") else "") + ".\n")
+        base = {(r["image"], r["state"]): r for r in ra if r["readahead"] == "keep"}
+        s.append(_table(["image", "readahead", "state", "ramfs GB/s", "passthrough GB/s", "ramfs / passthrough",
+                         "ramfs vs keep"],
+                        [[r["image"], r["readahead"], r["state"], _f(r["ramfs"]), _f(r["passthrough"]),
+                          f"{r['ratio_pt']:.2f}x", f"{r['ramfs'] / base[(r['image'], r['state'])]['ramfs']:.2f}x"]
+                         for r in ra]))
     br = res.get("big_reads") or []
     if br:
         s.append("### Whole pc.ram of the biggest guest (cold, bs 1 MiB)\n")

@@ -27,6 +27,7 @@ from bench.util import GIB, log  # noqa: E402 (after sys.path is set)
 
 SECTIONS = {
     "seq_reads": benchmarks.seq_reads,
+    "readahead": benchmarks.readahead,
     "big_reads": benchmarks.big_reads,
     "random_reads": benchmarks.random_page_reads,
     "convert": benchmarks.conversion,
