@@ -384,7 +384,8 @@ def list_entries(root: Path, *, look: bool = True) -> list[Entry]:
                 except OSError:
                     continue
                 disk += st.st_blocks * 512
-                last = max(last, st.st_mtime)
+                # The metadata's mtime is the last use (touch); without metadata, the newest file.
+                last = st.st_mtime if f.suffix == ".json" else max(last, st.st_mtime)
             meta = read_meta(root, kind, key)
             e = Entry(kind, key, files, disk, last, meta)
             e.keep = kind == INDEX or bool(meta and meta.get("keep"))
