@@ -547,7 +547,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         spec = _cache_policy(args).limit_spec()
         limit = cache.resolve_limit(root, spec, decompressed)
         if args.json:
-            json.dump({"cache_dir": _utf8(str(root)), "exists": root.is_dir(), "limit": limit,
+            json.dump({"cache_dir": _utf8(str(root.absolute())), "exists": root.is_dir(), "limit": limit,
                        "limit_spec": spec, "decompressed_bytes": decompressed,
                        "entries": [_entry_json(e) for e in entries]}, sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -561,10 +561,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for r in [head, *rows]:
             print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {_show(r[4])}")
         total = sum(e.disk_bytes for e in entries)
-        print(f"{_show(str(root))}: {len(entries)} entries, {_size(total)}; decompressed {_size(decompressed)} "
+        print(f"{_show(str(root))}: {_entries(len(entries))}, {_size(total)}; decompressed {_size(decompressed)} "
               f"of at most {_size(limit)} ({spec})")
         return EXIT_OK
     return _clean(root, args)
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _state(e: Entry) -> str:
@@ -624,7 +628,7 @@ def _clean(root: Any, args: argparse.Namespace) -> int:
         for p in cache.leftovers(root):
             p.unlink(missing_ok=True)
     if not args.quiet:
-        print(f"{_show(str(root))}: {verb} {removed} entries ({_size(freed)})"
+        print(f"{_show(str(root))}: {verb} {_entries(removed)} ({_size(freed)})"
               + (f"; {busy} in use by a mount, left alone" if busy else ""))
     return EXIT_OK
 

@@ -78,7 +78,7 @@ def test_list_shows_what_mounts_created(tmp_path, images):
     assert e["kind"] == "index" and e["image_state"] == "ok" and e["bytes"] > 0 and not e["in_use"]
     assert e["last_used"] >= e["created"] > 0
     text = ramfs("cache", "list", "--cache-dir", str(cache)).stdout
-    assert "index" in text and str(images["seq"].resolve()) in text and "1 entries" in text
+    assert "index" in text and str(images["seq"].resolve()) in text and "1 entry," in text
     # The image changes, then goes: the entry says so.
     os.utime(images["seq"], ns=(0, 10**9))
     assert by_image(cache)["seq.img"][0]["image_state"] == "changed"
@@ -269,7 +269,7 @@ def test_clean_removes_only_ramfs_files(tmp_path, images):
     # --older-than: only what was last used before then.
     age(cache, images["seq"], 8 * 86400)
     r = ramfs("cache", "clean", "--older-than", "7d", "--cache-dir", str(cache))
-    assert r.returncode == 0 and "removed 1 entries" in r.stdout, r.stdout
+    assert r.returncode == 0 and "removed 1 entry" in r.stdout, r.stdout
     assert sorted(by_image(cache)) == ["xz.img"]
     # --stale: only entries whose image is gone or changed.
     r = ramfs("cache", "clean", "--stale", "--cache-dir", str(cache))
@@ -278,7 +278,7 @@ def test_clean_removes_only_ramfs_files(tmp_path, images):
     r = ramfs("cache", "clean", "--stale", "-n", "--cache-dir", str(cache))
     assert "would remove: decompressed" in r.stdout and sorted(by_image(cache)) == ["xz.img"]
     r = ramfs("cache", "clean", "--stale", "--cache-dir", str(cache))
-    assert "removed 1 entries" in r.stdout and listing(cache)["entries"] == []
+    assert "removed 1 entry" in r.stdout and listing(cache)["entries"] == []
     assert not dead.exists() and not orphan_meta.exists() and live.exists()
     for p in mine:
         assert p.read_text() == "mine", p

@@ -69,7 +69,8 @@ def bash_complete(script, line: str, cwd=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("words,want", [("ramfs ", "mount"), ("ramfs mo", "mount"), ("ramfs info --js", "--jsonl"),
                                         ("ramfs mount --dir", "--direct-io"), ("ramfs ca", "cache"),
                                         ("ramfs cache ", "clean"), ("ramfs cache clean --ol", "--older-than"),
-                                        ("ramfs mount --no-c", "--no-cache"), ("ramfs index --rebu", "--rebuild-cache")])
+                                        ("ramfs mount --no-c", "--no-cache"),
+                                        ("ramfs index --rebu", "--rebuild-cache")])
 def test_bash_completion_completes(words, want, tmp_path):
     script = tmp_path / "ramfs.bash"
     script.write_text(ramfs("completion", "bash").stdout)
