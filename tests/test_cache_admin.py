@@ -326,3 +326,28 @@ def test_cache_options_of_mount_o():
         assert r.returncode == 2 and "cache" not in r.stdout and r.stderr.count("\n") == 1, r.stderr
     r = ramfs("cache", "clean", "--older-than", "soon")
     assert r.returncode == 2 and "not an age" in r.stderr
+
+
+def test_user_mount_caches_as_that_user_and_removes_the_copy_at_unmount(tmp_path, images):
+    """--user nobody: the worker decompresses into /var/cache/ramfs/user-nobody (0700, nobody's),
+    ramfs cache list --user shows the copy in use, and it is gone after the unmount."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    mp = tmp_path / "mp"
+    key = None
+    with mounted(images["xz"], mp, "--user", "nobody"):
+        assert MARKER in (mp / "ram" / "pc.ram").read_bytes()
+        r = ramfs("cache", "list", "--json", "--user", "nobody")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["cache_dir"] == "/var/cache/ramfs/user-nobody"
+        mine = [e for e in doc["entries"] if e["image"] == str(images["xz"].resolve())]
+        assert len(mine) == 1 and mine[0]["in_use"] and mine[0]["kind"] == "decompressed"
+        key = mine[0]["key"]
+        d = Path(doc["cache_dir"])
+        st = d.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, 0o700)
+        for f in mine[0]["files"]:
+            fst = Path(f).stat()
+            assert (fst.st_uid, stat.S_IMODE(fst.st_mode)) == (nobody.pw_uid, 0o600), f
+    assert not list(Path("/var/cache/ramfs/user-nobody/data").glob(f"{key}.*"))
