@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
@@ -16,6 +17,7 @@ from ramfs import __version__
 from ramfs.errors import RamfsError
 
 if TYPE_CHECKING:
+    from ramfs.image import Image
     from ramfs.image.cache import CachePolicy, Entry
     from ramfs.image.phys import Placement
     from ramfs.progress import Progress
@@ -475,11 +477,11 @@ def add_cache_max_argument(s: argparse.ArgumentParser) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Build the cache entries of IMAGEs ahead of mounting (ratarmount's pre-building)."""
+    from dataclasses import replace
+
     from ramfs.image import open_image
 
-    policy = _cache_policy(args)
-    from dataclasses import replace
-    policy = replace(policy, keep=True)
+    policy = replace(_cache_policy(args), keep=True)  # building ahead is asking to keep
     status = EXIT_OK
     for path in args.image:
         bar = _scan_bar(args.quiet)
@@ -503,10 +505,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     return status
 
 
-def _indexed(img: Any) -> str:
+def _indexed(img: Image) -> str:
     """What ``ramfs index`` did for an open image, in a few words."""
     cached = " (already in the cache)" if img.index_from_cache else ""
-    if img.held is not None:
+    if img.held is not None and img.data is not None and img.format is not None:
         st = os.fstat(img.data.fd)
         return (f"decompressed ({img.format.label}), {_size(st.st_blocks * 512)} on disk, and indexed{cached}")
     if img.encoding == "mapped-ram":
@@ -515,7 +517,7 @@ def _indexed(img: Any) -> str:
     return f"indexed, {pages} populated pages{cached}"
 
 
-def _cache_root(args: argparse.Namespace) -> Any:
+def _cache_root(args: argparse.Namespace) -> Path:
     from ramfs.image.cache import cache_dir, user_cache_dir
 
     if args.cache_dir:
@@ -541,8 +543,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return EXIT_OK
     if action == "list":
         entries = cache.list_entries(root) if root.is_dir() else []
-        if root.is_dir() and entries and not cache.looks_like_cache(root):
-            raise RamfsError(f"{root} does not look like a ramfs cache")
         decompressed = sum(e.disk_bytes for e in entries if e.kind == cache.DECOMPRESSED)
         spec = _cache_policy(args).limit_spec()
         limit = cache.resolve_limit(root, spec, decompressed)
@@ -595,7 +595,7 @@ def _entry_json(e: Entry) -> dict[str, Any]:
     return d
 
 
-def _clean(root: Any, args: argparse.Namespace) -> int:
+def _clean(root: Path, args: argparse.Namespace) -> int:
     import time
 
     from ramfs.image import cache
@@ -605,7 +605,7 @@ def _clean(root: Any, args: argparse.Namespace) -> int:
         print(f"{_show(str(root))}: no cache, nothing to clean")
         return EXIT_OK
     cache.check_ours(root)
-    removed = freed = busy = 0
+    removed = freed = busy = failed = 0
     verb = "would remove" if args.dry_run else "removed"
     for e in cache.list_entries(root):
         if cutoff is not None and e.last_used > cutoff:
@@ -617,8 +617,13 @@ def _clean(root: Any, args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"in use, left: {e.kind} {_size(e.disk_bytes)} {_show(_image_of(e))}")
             continue
-        if not args.dry_run and not cache.remove(root, e):
-            busy += 1
+        try:
+            if not args.dry_run and not cache.remove(root, e):
+                busy += 1
+                continue
+        except OSError as err:
+            print(f"ramfs: error: cannot remove {_show(str(e.files[0]))}: {err.strerror}", file=sys.stderr)
+            failed += 1
             continue
         removed += 1
         freed += e.disk_bytes
@@ -626,11 +631,15 @@ def _clean(root: Any, args: argparse.Namespace) -> int:
             print(f"{verb}: {e.kind} {_size(e.disk_bytes)} {_show(_image_of(e))} ({e.state})")
     if cutoff is None and not args.dry_run:
         for p in cache.leftovers(root):
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as err:
+                print(f"ramfs: error: cannot remove {_show(str(p))}: {err.strerror}", file=sys.stderr)
+                failed += 1
     if not args.quiet:
         print(f"{_show(str(root))}: {verb} {_entries(removed)} ({_size(freed)})"
               + (f"; {busy} in use by a mount, left alone" if busy else ""))
-    return EXIT_OK
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 # -o options that are ramfs's own (as in an fstab line), and the argument each one sets.

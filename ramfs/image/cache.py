@@ -368,8 +368,10 @@ def list_entries(root: Path, *, look: bool = True) -> list[Entry]:
         d = root / sub
         try:
             names = sorted(os.listdir(d))
-        except OSError:
+        except FileNotFoundError:
             continue
+        except OSError as err:
+            raise CacheError(f"cannot list the cache {d}: {err.strerror}") from None
         for name in names:
             key, dot, ext = name.partition(".")
             if f".{ext}" != main or not _KEY.fullmatch(key):
