@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
@@ -16,6 +17,8 @@ from ramfs import __version__
 from ramfs.errors import RamfsError
 
 if TYPE_CHECKING:
+    from ramfs.image import Image
+    from ramfs.image.cache import CachePolicy, Entry
     from ramfs.image.phys import Placement
     from ramfs.progress import Progress
 
@@ -99,7 +102,7 @@ def _facts(path: str, quiet: bool = False, placement: Placement | None = None,
 
     bar = _scan_bar(quiet)
     try:
-        with open_image(path, reads=False, progress=bar.scanned, snapshot=snapshot) as img:
+        with open_image(path, reads=False, progress=bar.scanned, snapshot=snapshot, cache=_cache_policy()) as img:
             return describe(img, placement=placement)
     finally:
         bar.done()
@@ -405,7 +408,8 @@ def _write_phys_view(args: argparse.Namespace, as_core: bool) -> int:
     placement = _placement(args)
     bar = _scan_bar(args.quiet)
     try:
-        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot)
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot,
+                         cache=_cache_policy())
     finally:
         bar.done()
     with img:
@@ -451,7 +455,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise RamfsError(f"--format {args.format} needs the {program} program")
     bar = _scan_bar(args.quiet)
     try:
-        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot)
+        img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot,
+                         cache=_cache_policy())
     finally:
         bar.done()
     with img:
@@ -503,18 +508,237 @@ def cmd_core(args: argparse.Namespace) -> int:
     return _write_phys_view(args, as_core=True)
 
 
+# -- the cache ------------------------------------------------------------------------------
+
+_invocation: list[argparse.Namespace] = []  # the parsed command line (main), for the cache options
+
+
+def _cache_policy(args: argparse.Namespace | None = None, own: dict[str, str | bool] | None = None) -> CachePolicy:
+    """--cache-dir, --no-cache, --rebuild-cache, --keep-cache, --cache-max (or their -o forms)
+    of this command line."""
+    from ramfs.image.cache import CachePolicy, parse_limit
+
+    if args is None:
+        args = _invocation[0] if _invocation else argparse.Namespace()
+    own = own or {}
+    directory = _value(own, "cache_dir") or getattr(args, "cache_dir", None)
+    enabled = not (getattr(args, "no_cache", False) or bool(own.get("no_cache")))
+    rebuild = bool(getattr(args, "rebuild_cache", False) or own.get("rebuild_cache"))
+    keep = bool(getattr(args, "keep_cache", False) or own.get("keep_cache"))
+    limit = _value(own, "cache_max") or getattr(args, "cache_max", None)
+    if not enabled and (rebuild or keep):
+        raise RamfsError(f"--no-cache writes no cache: {'--rebuild-cache' if rebuild else '--keep-cache'} "
+                         "makes no sense with it")
+    if limit is not None:
+        parse_limit(limit)  # a bad value fails now, not after a long decompression
+    return CachePolicy(directory=directory, enabled=enabled, rebuild=rebuild, keep=keep, max_size=limit)
+
+
+def add_cache_arguments(s: argparse.ArgumentParser, *, keep: bool = False, off: bool = True) -> None:
+    _complete(s.add_argument("--cache-dir", metavar="DIR",
+                             help="the cache of indexes and decompressed images (default: $RAMFS_CACHE_DIR, "
+                             "else $XDG_CACHE_HOME/ramfs, else ~/.cache/ramfs; see ramfs cache)"), COMPLETE_DIR)
+    if off:
+        s.add_argument("--no-cache", action="store_true",
+                       help="neither read nor write the cache: the index stays in memory, a compressed image "
+                       "is decompressed into an unnamed temporary file")
+    s.add_argument("--rebuild-cache", action="store_true",
+                   help="ignore what the cache holds for these images and build it again")
+    if keep:
+        s.add_argument("--keep-cache", action="store_true",
+                       help="keep the decompressed copy of a compressed image in the cache after use (it is "
+                       "guest memory: by default it is removed when the image is closed or unmounted)")
+        add_cache_max_argument(s)
+
+
+def add_cache_max_argument(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--cache-max", metavar="SIZE",
+                   help="most the kept decompressed images may take, least recently used evicted first: a "
+                   "size (20G) or a share of the space the cache could use (30%%; default $RAMFS_CACHE_MAX, "
+                   "else 50%%)")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build the cache entries of IMAGEs ahead of mounting (ratarmount's pre-building)."""
+    from dataclasses import replace
+
+    from ramfs.image import open_image
+
+    policy = replace(_cache_policy(args), keep=True)  # building ahead is asking to keep
+    status = EXIT_OK
+    for path in args.image:
+        bar = _scan_bar(args.quiet)
+        try:
+            try:
+                img = open_image(path, cache=policy, progress=bar.scanned, snapshot=args.snapshot)
+            finally:
+                bar.done()
+            with img:
+                failed = [w for w in img.warnings if w.startswith("could not write the index cache")]
+                if failed:
+                    raise RamfsError(failed[0])
+                line = _indexed(img)
+        except RamfsError as e:
+            msg = str(e) if path in str(e) else f"{path}: {e}"  # most errors name the file already
+            print(f"ramfs: error: {_show(msg)}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        if not args.quiet:
+            print(f"{_show(path)}: {line}", flush=True)
+    return status
+
+
+def _indexed(img: Image) -> str:
+    """What ``ramfs index`` did for an open image, in a few words."""
+    cached = " (already in the cache)" if img.index_from_cache else ""
+    if img.held is not None and img.data is not None and img.format is not None:
+        st = os.fstat(img.data.fd)
+        return (f"decompressed ({img.format.label}), {_size(st.st_blocks * 512)} on disk, and indexed{cached}")
+    if img.encoding == "mapped-ram":
+        return "mapped-ram: nothing to build (its bitmaps are its index)"
+    pages = sum(b.populated_pages for b in img.blocks)
+    return f"indexed, {pages} populated pages{cached}"
+
+
+def _cache_root(args: argparse.Namespace) -> Path:
+    from ramfs.image.cache import cache_dir, user_cache_dir
+
+    if args.cache_dir:
+        return cache_dir(args.cache_dir)
+    if args.user:
+        return user_cache_dir(args.user)
+    return cache_dir()
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from ramfs.image import cache
+
+    root = _cache_root(args)
+    action = getattr(args, "action", None) or "list"
+    if action == "path":
+        print(root)
+        return EXIT_OK
+    if action == "list":
+        entries = cache.list_entries(root) if root.is_dir() else []
+        decompressed = sum(e.disk_bytes for e in entries if e.kind == cache.DECOMPRESSED)
+        spec = _cache_policy(args).limit_spec()
+        limit = cache.resolve_limit(root, spec, decompressed)
+        if args.json:
+            json.dump({"cache_dir": _utf8(str(root.absolute())), "exists": root.is_dir(), "limit": limit,
+                       "limit_spec": spec, "decompressed_bytes": decompressed,
+                       "entries": [_entry_json(e) for e in entries]}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return EXIT_OK
+        if not root.is_dir():
+            print(f"{_show(str(root))}: no cache yet")
+            return EXIT_OK
+        rows = [(e.kind, _size(e.disk_bytes), _when(e.last_used), _state(e), _image_of(e)) for e in entries]
+        head = ("KIND", "SIZE", "LAST USED", "STATE", "IMAGE")
+        w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+        for r in [head, *rows]:
+            print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]:<{w[3]}}  {_show(r[4])}")
+        total = sum(e.disk_bytes for e in entries)
+        print(f"{_show(str(root))}: {_entries(len(entries))}, {_size(total)}; decompressed {_size(decompressed)} "
+              f"of at most {_size(limit)} ({spec})")
+        return EXIT_OK
+    return _clean(root, args)
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
+def _state(e: Entry) -> str:
+    words = [e.state]
+    if e.in_use:
+        words.append("in use")
+    elif not e.keep:
+        words.append("not kept")  # left by a mount that died: the next eviction removes it
+    return ", ".join(words)
+
+
+def _image_of(e: Entry) -> str:
+    if e.image is None:
+        return "?"
+    snap = e.meta.get("snapshot") if e.meta else None
+    return f"{e.image} (snapshot {snap})" if snap else e.image
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    d = e.to_json()
+    d["image"] = _utf8(d["image"]) if d["image"] else None
+    d["snapshot"] = e.meta.get("snapshot") if e.meta else None
+    d["files"] = [_utf8(f) for f in d["files"]]
+    return d
+
+
+def _clean(root: Path, args: argparse.Namespace) -> int:
+    import time
+
+    from ramfs.image import cache
+
+    cutoff = time.time() - cache.parse_age(args.older_than) if args.older_than else None
+    if not root.is_dir():
+        print(f"{_show(str(root))}: no cache, nothing to clean")
+        return EXIT_OK
+    cache.check_ours(root)
+    removed = freed = busy = failed = 0
+    verb = "would remove" if args.dry_run else "removed"
+    for e in cache.list_entries(root):
+        if cutoff is not None and e.last_used > cutoff:
+            continue
+        if args.stale and e.state not in ("changed", "missing", "orphan"):
+            continue
+        if e.in_use:
+            busy += 1
+            if not args.quiet:
+                print(f"in use, left: {e.kind} {_size(e.disk_bytes)} {_show(_image_of(e))}")
+            continue
+        try:
+            if not args.dry_run and not cache.remove(root, e):
+                busy += 1
+                continue
+        except OSError as err:
+            print(f"ramfs: error: cannot remove {_show(str(e.files[0]))}: {err.strerror}", file=sys.stderr)
+            failed += 1
+            continue
+        removed += 1
+        freed += e.disk_bytes
+        if not args.quiet:
+            print(f"{verb}: {e.kind} {_size(e.disk_bytes)} {_show(_image_of(e))} ({e.state})")
+    if cutoff is None and not args.dry_run:
+        for p in cache.leftovers(root):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as err:
+                print(f"ramfs: error: cannot remove {_show(str(p))}: {err.strerror}", file=sys.stderr)
+                failed += 1
+    if not args.quiet:
+        print(f"{_show(str(root))}: {verb} {_entries(removed)} ({_size(freed)})"
+              + (f"; {busy} in use by a mount, left alone" if busy else ""))
+    return EXIT_ERROR if failed else EXIT_OK
+
+
 # -o options that are ramfs's own (as in an fstab line), and the argument each one sets.
 RAMFS_OPTIONS = {"direct_io": "direct_io", "below_4g": "below_4g", "numa": "numa", "device": "device",
                  "jobs": "jobs", "log": "log",
                  "debug": "debug", "foreground": "foreground", "allow_other": "allow_other",
-                 "run_as": "user", "readahead": "readahead", "nonempty": "nonempty"}
+                 "run_as": "user", "readahead": "readahead", "nonempty": "nonempty",
+                 "cache_dir": "cache_dir", "cache_max": "cache_max", "no_cache": "no_cache",
+                 "rebuild_cache": "rebuild_cache", "keep_cache": "keep_cache"}
 # Options mount(8), systemd or an fstab line may hand over that mean nothing to a FUSE mount:
 # dropped instead of making libfuse fail with "unknown option".
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "rw"}
 
 
 # ramfs's -o options that take a value (the others are flags).
-VALUE_OPTIONS = {"below_4g", "numa", "device", "jobs", "log", "run_as", "readahead"}
+VALUE_OPTIONS = {"below_4g", "numa", "device", "jobs", "log", "run_as", "readahead", "cache_dir", "cache_max"}
 
 
 def _value(own: dict[str, str | bool], key: str) -> str | None:
@@ -553,7 +777,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except ValueError:
         raise RamfsError(f"-o jobs={own['jobs']}: not a number") from None
     placement = _placement(args, own)
-    return mount(args.source, args.mountpoint, foreground=args.foreground or bool(own.get("foreground")),
+    cache = _cache_policy(args, own)
+    return mount(args.source, args.mountpoint, cache=cache, foreground=args.foreground or bool(own.get("foreground")),
                  readahead_kb=_readahead_kb(_value(own, "readahead") or args.readahead),
                  nonempty=args.nonempty or bool(own.get("nonempty")),
                  debug=args.debug or bool(own.get("debug")), options=fuse_opts,
@@ -602,7 +827,8 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("-o", action="append", metavar="OPT[,OPT...]",
                    help="mount options, as in fstab: FUSE's (ro, allow_other, ...) and ramfs's own "
                    "(direct_io, below_4g=SIZE, numa=ID:ID, device=ID@ADDR, jobs=N, log=FILE, run_as=USER, "
-                   "readahead=SIZE|keep, nonempty, debug, foreground)")
+                   "readahead=SIZE|keep, nonempty, cache_dir=DIR, cache_max=SIZE, no_cache, rebuild_cache, "
+                   "keep_cache, debug, foreground)")
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--direct-io", action="store_true",
@@ -627,6 +853,7 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--below-4g", metavar="SIZE",
                    help="RAM below 4 GiB in phys/ when the guest ran with max-ram-below-4g (e.g. 2G)")
     add_placement_arguments(s)
+    add_cache_arguments(s, keep=True)
     s.set_defaults(func=cmd_mount)
 
 
@@ -681,6 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "image that cannot be read gives {\"path\": ..., \"error\": ...}")
     add_placement_arguments(s)
     add_snapshot_argument(s)
+    add_cache_arguments(s)
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("ls", help="list the RAM blocks like ls -l", description="List the RAM blocks of "
                        "IMAGE: size, bytes holding data (the rest reads as zeros), share, name.",
@@ -690,6 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bytes", action="store_true", help="exact byte counts instead of KiB/MiB/GiB")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar while a big image is scanned")
     add_snapshot_argument(s)
+    add_cache_arguments(s)
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("check", help="validate a save image's structure",
                        description="Validate a save image; list each problem and exit 1 if any.",
@@ -731,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     add_snapshot_argument(s)
+    add_cache_arguments(s, keep=True)
     s.set_defaults(func=cmd_export)
     for name, fn, what in (("phys", cmd_phys, "guest-physical memory (sparse; offset = address)"),
                            ("core", cmd_core, "an ELF core like QEMU's dump-guest-memory")):
@@ -745,12 +975,55 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--direct-io", action="store_true", help="read the image with O_DIRECT")
         s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         add_snapshot_argument(s)
+        add_cache_arguments(s, keep=True)
         s.set_defaults(func=fn)
     s = sub.add_parser("mount", help="mount an image or a directory of images (read-only)",
                        description="Mount a save image (or every image in a directory) as files: "
                        "ram/<block>, maps/<block>, image.json, devices.json, domain.xml.",
                        epilog=MOUNT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_mount_arguments(s)
+    s = sub.add_parser("index", help="build the cache of images ahead of mounting",
+                       description="Build what ramfs caches for each IMAGE now, so that mounting it later is "
+                       "quick: the page index of a sequential image; for a compressed one, its decompressed "
+                       "stream and index (kept until evicted or cleaned: see ramfs cache). mapped-ram images "
+                       "need nothing. Exits 2 if any image failed.",
+                       epilog="examples:\n  ramfs index /var/lib/libvirt/qemu/save/*.save\n"
+                       "  ramfs index --rebuild-cache --cache-dir /srv/ramfs-cache vm.save",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _complete(s.add_argument("image", nargs="+"), COMPLETE_FILE)
+    add_cache_arguments(s, off=False)
+    add_cache_max_argument(s)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    add_snapshot_argument(s)
+    s.set_defaults(func=cmd_index)
+    s = sub.add_parser("cache", help="list, clean or locate the cache",
+                       description="The cache of page indexes and decompressed images: list its entries "
+                       "(kind, size, last use, whether the image still exists unchanged), clean them, or "
+                       "print where it is. Without an action: list.",
+                       epilog="examples:\n  ramfs cache list\n  ramfs cache clean --older-than 7d\n"
+                       "  ramfs cache clean --stale\n  ramfs cache list --user ramfs --json | jq '.entries[].image'\n"
+                       "  ramfs cache path",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.set_defaults(func=cmd_cache, action=None, cache_dir=None, user=None, json=False)
+    actions = s.add_subparsers(dest="action", metavar="ACTION")
+    for name, what in (("list", "list the entries"), ("clean", "remove entries (only ramfs's own files)"),
+                       ("path", "print the cache directory in use")):
+        a = actions.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        where = a.add_mutually_exclusive_group()
+        _complete(where.add_argument("--cache-dir", metavar="DIR", help="this cache directory"), COMPLETE_DIR)
+        where.add_argument("--user", metavar="USER", help="the cache of mounts run with --user USER "
+                           "(/var/cache/ramfs/user-USER)")
+        if name == "list":
+            a.add_argument("--json", action="store_true", help="the entries as JSON")
+            add_cache_max_argument(a)
+        if name == "clean":
+            a.add_argument("--older-than", metavar="AGE",
+                           help="only entries last used longer ago than AGE (30m, 12h, 7d, 2w)")
+            a.add_argument("--stale", action="store_true",
+                           help="only entries whose image is gone or changed (or unknown)")
+            a.add_argument("-n", "--dry-run", action="store_true", help="say what would be removed")
+            a.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+        a.set_defaults(func=cmd_cache, action=name)
     s = sub.add_parser("completion", help="print a shell completion script",
                        description="Print a completion script for bash or zsh.",
                        epilog="examples:\n  ramfs completion bash > /etc/bash_completion.d/ramfs\n"
@@ -797,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         # mount.fuse3 (mount -t fuse.ramfs, fstab) runs "ramfs SOURCE MOUNTPOINT -o OPTS".
         argv = ["mount", *argv]
     args = parser.parse_args(argv)
+    _invocation[:] = [args]
     from ramfs.memory import tune_malloc
     tune_malloc()
     if args.func is not cmd_mount:

@@ -16,9 +16,13 @@ EXTRA = {
                        "noauto,x-systemd.automount,allow_other  0 0\n.EE\nmounts through mount.fuse3(8)."),
         ("ramfs@.service", "a systemd unit template (docs/ramfs@.service): the instance is the escaped "
                            "mountpoint, the source comes from /etc/ramfs/INSTANCE.conf."),
-        ("$XDG_CACHE_HOME/ramfs, /var/cache/ramfs (root)",
-         "page indexes of sequential images and decompressed streams, keyed by path, size, "
-         "mtime and inode; safe to delete."),
+        ("$RAMFS_CACHE_DIR, else $XDG_CACHE_HOME/ramfs, else ~/.cache/ramfs; /var/cache/ramfs/user-USER (--user)",
+         "the cache (--cache-dir): page indexes of sequential images (index/) and decompressed streams of "
+         "compressed ones (data/), keyed by path, size, mtime and inode, each with a metadata file; "
+         "directories 0700, files 0600, a CACHEDIR.TAG. A decompressed stream is guest memory: it is removed "
+         "when the image is closed or unmounted unless kept (ramfs index, --keep-cache), and kept ones are "
+         "evicted least recently used first beyond --cache-max (RAMFS_CACHE_MAX, default 50% of the space "
+         "the cache could use). ramfs cache list and ramfs cache clean manage it; safe to delete."),
     ],
     "EXIT STATUS": [("0", "success"), ("1", "check found problems"), ("2", "an error (one line on stderr)")],
 }
@@ -52,7 +56,7 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
                 names += f" \\fI{_roff(_metavar(a, a.dest.upper()))}\\fR"
         else:
             names = f"\\fI{_roff(_metavar(a, a.dest))}\\fR"
-        out += [".TP", names, _roff(a.help or "")]
+        out += [".TP", names, _roff((a.help or "").replace("%%", "%"))]  # argparse's escape
     return out
 
 
@@ -80,6 +84,12 @@ def render(parser: argparse.ArgumentParser, date: str | None = None) -> str:
         lines += _options(p)
         if p.epilog:
             lines += [".PP", ".EX", _roff(p.epilog), ".EE"]
+        # A command with actions of its own (ramfs cache list|clean|path): each with its options.
+        for a in p._actions:  # noqa: SLF001
+            if isinstance(a, argparse._SubParsersAction):  # noqa: SLF001
+                for action, q in a.choices.items():
+                    lines += [".TP", f"\\fBramfs {name} {action}\\fR", _roff(q.description or ""),
+                              ".RS", *_options(q), ".RE"]
     lines += [".SH EXAMPLES", ".EX", _roff(parser.epilog or ""), ".EE"]
     for section, items in EXTRA.items():
         lines.append(f".SH {section}")

@@ -63,10 +63,13 @@ class SaveImageLayer(interfaces.layers.DataLayerInterface):
         with self._lock:
             if self._view is None:
                 from ramfs.image import open_image
+                from ramfs.image.cache import CachePolicy
                 from ramfs.image.phys import Placement
                 from ramfs.views.phys import PhysView
 
-                img = open_image(self._path)
+                # Kept, as `ramfs index` keeps it: vol runs one plugin per process, and each
+                # would otherwise decompress a compressed image again (ramfs cache clean removes it).
+                img = open_image(self._path, cache=CachePolicy(keep=True))
                 try:
                     view = PhysView(img, Placement().map(img))
                 except BaseException:

@@ -7,6 +7,7 @@ import os
 
 from fixture_data import fixture_path
 from ramfs.image import open_image
+from ramfs.image.cache import CachePolicy
 
 
 def digest(img):
@@ -56,17 +57,55 @@ def test_corrupt_index_is_ignored_with_a_warning(mutable, tmp_path):
 
 def test_compressed_image_decompressed_once_into_a_sparse_cache(mutable, tmp_path):
     img = mutable(fixture_path("libvirt/fw-pc-xz.img"))
-    cache = tmp_path / "cache"
+    cache = CachePolicy(tmp_path / "cache", keep=True)
     with open_image(img, cache=cache) as a:
         assert not a.index_from_cache
         want = digest(a)
-    spool = next((cache / "data").glob("*.stream"))
+    spool = next((cache.root / "data").glob("*.stream"))
     # The spool holds the decompressed stream; QEMU sends zero pages as 9-byte records,
     # so it is about the size of a raw image, far from the 64 MiB of RAM.
     assert spool.stat().st_size < 4 << 20
     with open_image(img, cache=cache) as b:
         assert b.index_from_cache and digest(b) == want
-    assert not list((cache / "data").glob(".*tmp*"))
+    assert not list((cache.root / "data").glob(".*tmp*"))
+
+
+def test_decompressed_stream_is_removed_at_close_unless_kept(mutable, tmp_path):
+    """A copy of guest memory does not outlive its use unless someone asked to keep it."""
+    img = mutable(fixture_path("libvirt/fw-pc-gzip.img"))
+    cache = tmp_path / "cache"
+    with open_image(img, cache=cache) as a:
+        want = digest(a)
+        assert [p.suffix for p in sorted((cache / "data").iterdir())] == [".idx", ".json", ".stream"]
+        # A second reader of the same entry keeps it alive past the first one's close.
+        with open_image(img, cache=cache) as b:
+            assert b.index_from_cache
+        assert list((cache / "data").glob("*.stream"))
+        assert digest(a) == want
+    assert list((cache / "data").iterdir()) == []
+    with open_image(img, cache=CachePolicy(cache, keep=True)) as c:
+        assert digest(c) == want
+    with open_image(img, cache=cache) as d:  # kept entries stay kept
+        assert d.index_from_cache
+    assert list((cache / "data").glob("*.stream"))
+
+
+def test_no_cache_reads_a_compressed_image_without_writing_anything(mutable, tmp_path, monkeypatch):
+    img = mutable(fixture_path("libvirt/fw-pc-zstd.img"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with open_image(img, cache=CachePolicy(cache, enabled=False)) as a:
+        want = digest(a)
+        assert list(tmp.iterdir()) == []  # an unnamed file
+    assert list(cache.iterdir()) == []
+    with open_image(img, cache=CachePolicy(cache, keep=True)) as b:
+        assert digest(b) == want
+    assert list(tmp.iterdir()) == []
 
 
 def test_info_only_open_of_compressed_image_writes_no_spool(mutable, tmp_path):

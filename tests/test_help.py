@@ -12,7 +12,8 @@ from conftest import REPO
 from ramfs.cli import build_parser
 from ramfs.manpage import render
 
-COMMANDS = ["info", "ls", "check", "convert", "export", "phys", "core", "mount", "umount", "completion", "manpage"]
+COMMANDS = ["info", "ls", "check", "convert", "export", "phys", "core", "mount", "index", "cache", "umount",
+            "completion", "manpage"]
 
 
 def ramfs(*args: str) -> subprocess.CompletedProcess:
@@ -44,9 +45,12 @@ def test_man_page_renders_cleanly_and_covers_every_option():
     text = re.sub(r".\x08", "", text)
     for name in COMMANDS:
         assert f"ramfs {name}" in text
-    for opt in ("--direct-io", "--systemd", "--below-4g", "--jsonl", "--allow-other", "--jobs"):
+    for opt in ("--direct-io", "--systemd", "--below-4g", "--jsonl", "--allow-other", "--jobs", "--cache-dir",
+                "--no-cache", "--rebuild-cache", "--keep-cache", "--cache-max", "--older-than", "--stale"):
         assert opt in text.replace("\u2010", "-"), opt
     assert "fuse.ramfs" in text and "EXIT STATUS" in text
+    for action in ("list", "clean", "path"):
+        assert f"ramfs cache {action}" in text
 
 
 def bash_complete(script, line: str, cwd=None) -> subprocess.CompletedProcess:
@@ -63,7 +67,10 @@ def bash_complete(script, line: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("words,want", [("ramfs ", "mount"), ("ramfs mo", "mount"), ("ramfs info --js", "--jsonl"),
-                                        ("ramfs mount --dir", "--direct-io")])
+                                        ("ramfs mount --dir", "--direct-io"), ("ramfs ca", "cache"),
+                                        ("ramfs cache ", "clean"), ("ramfs cache clean --ol", "--older-than"),
+                                        ("ramfs mount --no-c", "--no-cache"),
+                                        ("ramfs index --rebu", "--rebuild-cache")])
 def test_bash_completion_completes(words, want, tmp_path):
     script = tmp_path / "ramfs.bash"
     script.write_text(ramfs("completion", "bash").stdout)

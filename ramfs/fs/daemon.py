@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ramfs.fs.ops import Operations
 
     from ramfs.fs.tree import Tree
+    from ramfs.image.cache import CachePolicy
     from ramfs.image.phys import Placement
 
 log = logging.getLogger("ramfs.fs")
@@ -67,7 +68,7 @@ def _is_mountpoint(path: str) -> bool:
 
 def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool = False,
           options: list[str] | None = None, allow_other: bool = False, direct_io: bool = False,
-          log_file: str | None = None, cache: str | None = None, jobs: int = 1,
+          log_file: str | None = None, cache: CachePolicy | str | None = None, jobs: int = 1,
           below_4g: int | None = None, placement: Placement | None = None, systemd: bool = False,
           user: str | None = None, quiet: bool = False, readahead_kb: int | None = DEFAULT_READAHEAD_KB,
           nonempty: bool = False) -> int:
@@ -93,10 +94,15 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
     if not os.path.exists(source):
         raise RamfsError(f"{source} does not exist")
     directory = os.path.isdir(source)
+    from dataclasses import replace
+
+    from ramfs.image.cache import CachePolicy
+
     account = _account(user) if user else None
-    if account is not None and cache is None:
-        cache = _user_cache(account)
-    tree = Tree(direct_io=direct_io, cache=cache, below_4g=below_4g, placement=placement)
+    policy = cache if isinstance(cache, CachePolicy) else CachePolicy(directory=cache)
+    if account is not None and policy.enabled and policy.directory is None:
+        policy = replace(policy, directory=_user_cache(account))
+    tree = Tree(direct_io=direct_io, cache=policy, below_4g=below_4g, placement=placement)
     tree.mountpoint = mountpoint
     tree.reader_name = account.pw_name if account is not None else None
     # Opened here, as whoever started us (root for --user): the files are then read through
@@ -251,10 +257,13 @@ def _account(user: str) -> pwd.struct_passwd:
 
 def _user_cache(account: pwd.struct_passwd) -> str:
     """A cache directory the dropped user owns (indexes it writes after the drop)."""
-    # Not under root's home (0700, so unreachable after the drop).
-    d = Path("/var/cache/ramfs") / f"user-{account.pw_name}"
+    from ramfs.image.cache import user_cache_dir
+
+    d = user_cache_dir(account.pw_name)
     try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # /var/cache/ramfs as any system cache (USER must get through it); USER's own 0700.
+        d.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        d.mkdir(exist_ok=True, mode=0o700)
         os.chown(d, account.pw_uid, account.pw_gid, follow_symlinks=False)
     except OSError as e:
         raise RamfsError(f"cannot prepare the cache {d} for {account.pw_name}: {e.strerror}") from None

@@ -43,6 +43,7 @@ from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
 from ramfs.fs.convertdir import TMP_PREFIX, Conversion, ConvertManager
 from ramfs.fs.names import COLLISION_MARK, escape
 from ramfs.image import Image, open_image
+from ramfs.image.cache import CachePolicy
 from ramfs.image.describe import describe
 from ramfs.views.elfcore import ElfCore, cpus_of
 from ramfs.image.files import open_regular
@@ -203,7 +204,7 @@ class Tree:
     Mutators check the rule (:meth:`_owned`).
     """
 
-    def __init__(self, *, direct_io: bool = False, cache: str | None = None, below_4g: int | None = None,
+    def __init__(self, *, direct_io: bool = False, cache: CachePolicy | str | None = None, below_4g: int | None = None,
                  placement: Placement | None = None):
         self.nodes: dict[int, Node] = {}
         self._next = ROOT_INODE

@@ -13,7 +13,7 @@ import os
 import xml.etree.ElementTree as ET
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Self, cast
 
@@ -25,7 +25,8 @@ from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
                                count_bits, is_qemu_magic, parse_configuration, parse_stream, set_runs)
 from ramfs.format.source import ForwardSource, Source
 from ramfs.image.bitmap import Bitmap, load_bitmap
-from ramfs.image.cache import atomic_tmp, cache_dir, image_key
+from ramfs.image import cache as _cache
+from ramfs.image.cache import DECOMPRESSED, INDEX, CachePolicy, HeldStream, atomic_tmp, image_key
 from ramfs.image.decompress import Decompressor, SparseSpool
 from ramfs.image.files import FileSource
 from ramfs.image.index import CHUNK_PAGES, CHUNK_SHIFT, PageIndex
@@ -265,6 +266,7 @@ class Image:
         self.data = data  # where page payloads are read from (the image, or a decompression cache)
         self.warnings = warnings
         self.index_from_cache = cached
+        self.held: HeldStream | None = None  # the decompressed stream in the cache this image reads
         self._by_name = {b.idstr: b for b in blocks}
 
     # -- description -----------------------------------------------------------------
@@ -390,6 +392,9 @@ class Image:
             i = j
 
     def close(self) -> None:
+        if self.held is not None:
+            self.held.release()  # before the close drops its lock
+            self.held = None
         if self.data is not None and self.data is not self.source:
             self.data.close()
         self.source.close()
@@ -405,12 +410,16 @@ def _int(v: object) -> int:
     return v if isinstance(v, int) else -1
 
 
-def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None, use_cache: bool = True,
+def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | CachePolicy | None = None,
+               use_cache: bool = True,
                reads: bool = True, allow_partial: bool = False, direct_io: bool = False,
                fd: int | None = None, progress: Callable[[int, int], None] | None = None,
                snapshot: str | int | None = None) -> Image:
     """Open a save image (libvirt-wrapped or bare QEMU stream, any RAM encoding).
 
+    ``cache``: the cache directory, or a :class:`CachePolicy` (directory, --no-cache,
+    --rebuild-cache, --keep-cache, --cache-max). A compressed image's decompressed stream is
+    removed from the cache when the image is closed unless the policy keeps it.
     ``reads=False`` describes a compressed image by streaming it, without spooling a
     decompressed copy. ``use_cache=False`` never reads or writes the cache. ``direct_io``
     reads the image with O_DIRECT (the decompression cache of formats 1-5 is still buffered).
@@ -421,11 +430,14 @@ def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | 
     name (or id), a sequential stream inside the qcow2 file (ramfs.image.qcow2).
     """
     path = os.fspath(path)
+    policy = cache if isinstance(cache, CachePolicy) else CachePolicy(directory=cache)
+    if not use_cache:
+        policy = replace(policy, enabled=False)
     if snapshot is not None:
         from ramfs.image.qcow2 import VmstateSource
         qsrc = VmstateSource(FileSource(path, fd), snapshot)
         try:
-            return _open(qsrc.path, qsrc, Path(cache_dir(cache)), use_cache, reads, allow_partial, progress)
+            return _open(qsrc.path, qsrc, policy, reads, allow_partial, progress, _Origin(path, qsrc.snapshot.name))
         except BaseException:
             qsrc.close()
             raise
@@ -436,14 +448,23 @@ def open_image(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | 
     else:
         src = FileSource(path, fd)
     try:
-        return _open(path, src, Path(cache_dir(cache)), use_cache, reads, allow_partial, progress)
+        return _open(path, src, policy, reads, allow_partial, progress, _Origin(path, None))
     except BaseException:
         src.close()
         raise
 
 
-def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, allow_partial: bool,
-          progress: Callable[[int, int], None] | None = None) -> Image:
+@dataclass(frozen=True)
+class _Origin:
+    """What a cache entry says it was made from (a qcow2 snapshot's key is made from
+    ``disk@snapshot``, which is no file to look at)."""
+
+    file: str
+    snapshot: str | None
+
+
+def _open(path: str, src: ImageFile, policy: CachePolicy, reads: bool, allow_partial: bool,
+          progress: Callable[[int, int], None] | None, origin: _Origin) -> Image:
     head = src.read_at(0, max(LIBVIRT_HEADER_SIZE, 16))
     warnings: list[str] = []
     meta: LibvirtMetadata | None = None
@@ -455,7 +476,7 @@ def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, a
         base = meta.header.stream_offset
         fmt = meta.header.effective_format
         if fmt.compressed:
-            return _open_compressed(path, src, meta, cdir, use_cache, reads, warnings, progress)
+            return _open_compressed(path, src, meta, policy, reads, warnings, progress, origin)
     elif not is_qemu_magic(head):
         if head[:4] == b"QFI\xfb":
             from ramfs.image.qcow2 import needs_snapshot_error
@@ -469,15 +490,17 @@ def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, a
     if not is_qemu_magic(probe):
         raise FormatError("no QEMU stream (QEVM) where the libvirt header says it starts", base)
     key = image_key(path, src.stat)
-    idx_path = cdir / "index" / f"{key}.idx"
+    root = policy.root
+    idx_path = _cache.main_file(root, INDEX, key)
     layout: StreamLayout | None = None
     index: PageIndex | None = None
     cached = False
-    if use_cache and _exists(idx_path):
+    if policy.enabled and not policy.rebuild and _exists(idx_path):
         try:
             index, layout, _ = PageIndex.load(idx_path)
             index.validate(layout, src.size)
             cached = True
+            _cache.touch(root, INDEX, key)
         except CacheError as e:
             warnings.append(f"ignored cached index: {e}")
             index = layout = None
@@ -486,8 +509,8 @@ def _open(path: str, src: ImageFile, cdir: Path, use_cache: bool, reads: bool, a
         scan: Source = _Counting(src, lambda pos: progress(pos, src.size)) if progress else src
         layout = _parse_with_index(scan, base, holder)
         index = None if layout.mapped_ram else holder[0]
-        if index is not None and use_cache:
-            _save_index(index, idx_path, layout, warnings)
+        if index is not None and policy.enabled:
+            _save_index(index, root, INDEX, key, layout, warnings, origin, src.stat, keep=True)
     if meta is not None:
         _check_format_matches(meta, layout, warnings)
     blocks = _make_blocks(src, layout, index, warnings)
@@ -551,11 +574,19 @@ def _parse_with_index(src: Source, base: int, holder: list[PageIndex]) -> Stream
     return layout
 
 
-def _save_index(index: PageIndex, idx_path: Path, layout: StreamLayout, warnings: list[str]) -> None:
+def _save_index(index: PageIndex, root: Path, kind: str, key: str, layout: StreamLayout, warnings: list[str],
+                origin: _Origin, st: os.stat_result, keep: bool, extra: dict[str, object] | None = None) -> bool:
+    """The index (and, for an index entry, its metadata); a warning instead of an error."""
+    idx_path = _cache.entry_file(root, kind, key, ".idx")
     try:
-        index.save(idx_path, layout, {"ramfs": __version__})
+        _cache.ensure_dir(root, idx_path.parent.name)
+        index.save(idx_path, layout, {"ramfs": __version__, **(extra or {})})
+        if kind == INDEX:
+            _cache.write_meta(root, kind, key, origin.file, st, keep, origin.snapshot)
     except OSError as e:
         warnings.append(f"could not write the index cache {idx_path}: {e.strerror}")
+        return False
+    return True
 
 
 def _make_blocks(src: ImageFile, layout: StreamLayout, index: PageIndex | None, warnings: list[str]) -> list[RamBlock]:
@@ -575,33 +606,40 @@ def _make_blocks(src: ImageFile, layout: StreamLayout, index: PageIndex | None, 
     return blocks
 
 
-def _open_compressed(path: str, src: ImageFile, meta: LibvirtMetadata, cdir: Path, use_cache: bool, reads: bool,
-                     warnings: list[str], progress: Callable[[int, int], None] | None = None) -> Image:
+def _open_compressed(path: str, src: ImageFile, meta: LibvirtMetadata, policy: CachePolicy, reads: bool,
+                     warnings: list[str], progress: Callable[[int, int], None] | None, origin: _Origin) -> Image:
     fmt = meta.header.effective_format
     key = image_key(path, src.stat)
-    idx_path = cdir / "index" / f"{key}.idx"
-    data_path = cdir / "data" / f"{key}.stream"
-    if use_cache and _exists(idx_path) and _exists(data_path):
-        try:
-            index, layout, _ = PageIndex.load(idx_path)
-            data = FileSource(data_path)
-            index.validate(layout, data.size)
-            blocks = _make_blocks(data, layout, index, warnings)
-            return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), True)
-        except (CacheError, ImageIOError) as e:
-            warnings.append(f"ignored cached decompression: {e}")
+    root = policy.root
+    if policy.enabled and not policy.rebuild:
+        hit = _cached_decompression(path, src, meta, policy, key, warnings)
+        if hit is not None:
+            return hit
     spool: SparseSpool | None = None
     fd = -1
     tmp: Path | None = None
-    if reads:
-        if not use_cache:
-            raise RamfsError(f"{path}: reading a {fmt.label}-compressed image needs the cache")
+    data_path = _cache.main_file(root, DECOMPRESSED, key)
+    if reads and policy.enabled:
         tmp = atomic_tmp(data_path)
         try:
-            data_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _cache.ensure_dir(root, data_path.parent.name)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            # Held from the start: once renamed into place it is an entry that eviction (which
+            # needs the exclusive lock) must leave alone while we read it.
+            _cache.lock_shared(fd)
         except OSError as e:
             raise CacheError(f"cannot create the decompression cache {tmp}: {e.strerror}") from None
+        spool = SparseSpool(fd)
+    elif reads:
+        # --no-cache: reads need random access, so the stream goes to a file with no name
+        # (O_TMPFILE in $TMPDIR) that the kernel frees when it is closed, even after a crash.
+        import tempfile
+        try:
+            with tempfile.TemporaryFile(prefix=".ramfs-nocache-") as t:
+                fd = os.dup(t.fileno())
+        except OSError as e:
+            raise CacheError(f"cannot create a temporary file for the decompressed stream of {path} "
+                             f"in {tempfile.gettempdir()}: {e.strerror}") from None
         spool = SparseSpool(fd)
     try:
         raw = _raw_reader(path, src)
@@ -627,26 +665,90 @@ def _open_compressed(path: str, src: ImageFile, meta: LibvirtMetadata, cdir: Pat
                 stream.drain()
         if spool is None:
             # Description only: page offsets point into a stream we did not keep.
-            blocks = [IndexedBlock(rec, layout.page_size, holder[0]) for rec in layout.blocks]
-            return Image(path, src, meta, layout, blocks, None, warnings + list(layout.warnings), False)
-        assert tmp is not None  # made with the spool
+            described: list[RamBlock] = [IndexedBlock(rec, layout.page_size, holder[0]) for rec in layout.blocks]
+            return Image(path, src, meta, layout, described, None, warnings + list(layout.warnings), False)
         try:
             spool.finish()
-            os.close(fd)
+        except OSError as e:
+            raise CacheError(f"cannot write the decompression cache {tmp}: {e.strerror}") from None
+        if tmp is None:
+            data = FileSource(f"{path} (decompressed into an unnamed temporary file)", fd)
             fd = -1
-            os.replace(tmp, data_path)
+            blocks = _make_blocks(data, layout, holder[0], warnings)
+            return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), False)
+        st = os.fstat(fd)
+        # The stream's identity goes into the index, so an index is never paired with another
+        # stream (a rebuild replaces both, one rename at a time).
+        if not _save_index(holder[0], root, DECOMPRESSED, key, layout, warnings, origin, src.stat, policy.keep,
+                           {"stream_ino": st.st_ino, "stream_size": spool.size}):
+            raise CacheError(f"cannot write the index of the decompression cache {data_path}")
+        try:
+            _cache.write_meta(root, DECOMPRESSED, key, origin.file, src.stat, policy.keep, origin.snapshot)
+            os.replace(tmp, data_path)  # the stream last: its name makes the entry
         except OSError as e:
             raise CacheError(f"cannot write the decompression cache {tmp}: {e.strerror}") from None
         tmp = None
-        _save_index(holder[0], idx_path, layout, warnings)
-        data = FileSource(data_path)
-        blocks = _make_blocks(data, layout, holder[0], warnings)
-        return Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), False)
+        data = FileSource(data_path, fd)
+        held = HeldStream(root, key, fd, policy.keep)
+        fd = -1
+        try:
+            blocks = _make_blocks(data, layout, holder[0], warnings)
+        except BaseException:
+            held.release()
+            data.close()
+            raise
+        img = Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), False)
+        img.held = held
+        _evict(root, policy, key, warnings)
+        return img
     finally:
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _cached_decompression(path: str, src: ImageFile, meta: LibvirtMetadata, policy: CachePolicy, key: str,
+                          warnings: list[str]) -> Image | None:
+    """The image read from its decompressed stream in the cache, or None (no usable entry)."""
+    root = policy.root
+    data_path = _cache.main_file(root, DECOMPRESSED, key)
+    if not _exists(data_path):
+        return None
+    try:
+        data = FileSource(data_path)
+    except ImageIOError:
+        return None  # evicted since
+    try:
+        # The stream first, then its index: an evictor unlinks the stream first, under the
+        # exclusive lock, so a stream we hold is one whose index is still there.
+        if not _cache.lock_shared(data.fd):
+            data.close()
+            return None
+        index, layout, extra = PageIndex.load(_cache.entry_file(root, DECOMPRESSED, key, ".idx"))
+        st = os.fstat(data.fd)
+        if (extra.get("stream_ino"), extra.get("stream_size")) != (st.st_ino, st.st_size):
+            raise CacheError("the index belongs to another decompressed stream")
+        index.validate(layout, data.size)
+        blocks = _make_blocks(data, layout, index, warnings)
+    except (CacheError, ImageIOError, OSError) as e:
+        data.close()
+        warnings.append(f"ignored cached decompression: {e}")
+        return None
+    if policy.keep:
+        _cache.set_keep(root, DECOMPRESSED, key)
+    _cache.touch(root, DECOMPRESSED, key)
+    img = Image(path, src, meta, layout, blocks, data, warnings + list(layout.warnings), True)
+    img.held = HeldStream(root, key, data.fd, policy.keep)
+    return img
+
+
+def _evict(root: Path, policy: CachePolicy, keep_key: str, warnings: list[str]) -> None:
+    """Keep decompressed data within the limit, now that an entry was added."""
+    try:
+        _cache.enforce_limit(root, policy.limit_spec(), protect=keep_key)
+    except (OSError, RamfsError) as e:
+        warnings.append(f"could not keep the cache {root} within its limit: {e}")
 
 
 def domain_identity(xml: str | None) -> dict[str, str | None] | None:
