@@ -587,12 +587,10 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> int:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    from ramfs.image.cache import pid_alive
+
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     # A zombie child of ours counts as gone.
     try:
         with open(f"/proc/{pid}/stat") as f:

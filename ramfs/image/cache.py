@@ -413,7 +413,7 @@ def leftovers(root: Path) -> list[Path]:
         for name in names:
             m = _TMP.fullmatch(name)
             if m:
-                if not _pid_alive(int(m.group(3))):
+                if not pid_alive(int(m.group(3))):
                     out.append(d / name)
                 continue
             key, _, ext = name.partition(".")
@@ -423,7 +423,8 @@ def leftovers(root: Path) -> list[Path]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts: EPERM means it does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
