@@ -191,7 +191,8 @@ def mount(source: str, mountpoint: str, *, foreground: bool = False, debug: bool
             os.close(status_w)
             if readahead_fd is not None:
                 os.close(readahead_fd)  # the worker writes it
-            return _supervise(child, status_r, mountpoint, pidfile, tree, systemd, ready, account.pw_name)
+            return _supervise(child, status_r, mountpoint, pidfile, tree, systemd, ready, account.pw_name,
+                              source)
         os.close(status_r)
         if ready is not None:
             ready.forget()  # the root half reports, having heard from us
@@ -332,7 +333,7 @@ def _drop_privileges(account: pwd.struct_passwd) -> None:
 
 
 def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree: Tree, systemd: bool,
-               ready: _Ready | None, user: str) -> int:
+               ready: _Ready | None, user: str, source: str) -> int:
     import pyfuse3
 
     tree.close()  # the worker has its own copies of the descriptors
@@ -378,7 +379,8 @@ def _supervise(child: int, status_r: int, mountpoint: str, pidfile: Path, tree: 
         else:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             reason = f"the worker {how} before serving (see the log)"
-        message = f"as {user}: {reason}"
+        # The worker's reason names an offset, not always the file: the message names it.
+        message = f"as {user}: {reason}" if source in reason else f"as {user}: {source}: {reason}"
         if ready is not None:
             ready.fail(message)
         raise RamfsError(message)
