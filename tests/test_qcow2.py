@@ -134,3 +134,35 @@ def test_a_disk_without_a_snapshot_name_says_what_to_do(disk):
     r = subprocess.run([sys.executable, "-m", "ramfs.cli", "info", str(disk.path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "qcow2 disk" in r.stderr and "--snapshot" in r.stderr and "paused, running, job" in r.stderr
+
+
+def _renamed(tmp_path: Path, name: bytes) -> Path:
+    """The v2 fuzz seed (real QEMU output, tests/data/qcow2) with snapshot 2 renamed in place."""
+    from fuzz.qcow2 import qcow2_blob, qcow2_file
+    b = qcow2_blob(qcow2_file("v2"))
+    field = b.find(name="snapshot1.name")[0]
+    assert b.get(field) == b"s2" and len(name) == field.size
+    b.overwrite(field.off, name)
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(bytes(b.buf))
+    return path
+
+
+def test_two_snapshots_of_one_name_have_their_own_index(tmp_path):
+    path = _renamed(tmp_path, b"s1")
+    cache = tmp_path / "cache"
+    with open_image(path, snapshot="s1", cache=cache) as first:
+        assert first.path.endswith("@s1#1")
+    with open_image(path, snapshot="2", cache=cache) as second:
+        assert second.path.endswith("@s1#2")
+        assert not second.index_from_cache  # not the index of snapshot 1
+    with open_image(path, snapshot="2", cache=cache) as again:
+        assert again.index_from_cache
+
+
+@pytest.mark.parametrize("name", [b"\0/", b"..", b"/."])
+def test_a_snapshot_name_is_not_a_path(tmp_path, name):
+    path = _renamed(tmp_path, name)
+    with open_image(path, snapshot="2", cache=tmp_path / "cache") as img:
+        assert img.path.startswith(f"{path}@") and img.path.count("/") == str(path).count("/")
+        assert img.blocks

@@ -66,7 +66,12 @@ class VmstateSource:
         self.snapshot: Snapshot = found[0]
         if not self.snapshot.vm_state_size:
             raise UnsupportedError(f"{file.path}: snapshot {snapshot_name!r} has no VM state (a disk-only snapshot)")
-        self.path = f"{file.path}@{self.snapshot.name}"
+        # The image's name, and its cache key (ramfs.image.cache.image_key resolves it as a path):
+        # a NUL, '/' or '..' in a snapshot name must not break or move it, and two snapshots
+        # of one name must not share a cached index.
+        self.path = f"{file.path}@{_escape(self.snapshot.name)}"
+        if sum(sn.name == self.snapshot.name for sn in snaps) > 1:
+            self.path += f"#{_escape(self.snapshot.id)}"
         self.stat = file.stat
         self.size = self.snapshot.vm_state_size
         self.fd = file.fd
@@ -307,6 +312,10 @@ class VmstateSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _escape(name: str) -> str:
+    return name.replace("%", "%25").replace("/", "%2F").replace("\0", "%00").replace("#", "%23")
 
 
 def snapshots_with_state(path: str | os.PathLike[str]) -> list[Snapshot]:
