@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                     help="share of cases also opened through the cache and the CLI (default 0.2)")
     ap.add_argument("--no-minimize", action="store_true")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+    ap.add_argument("--only", default=None, metavar="PREFIX",
+                    help="mutate only the seeds whose name starts so (e.g. qcow2)")
     ap.add_argument("--as-limit-mib", type=int, default=4096,
                     help="address space allowed beyond the start-up size (RLIMIT_AS; 0: none)")
     ap.add_argument("--replay", action="store_true", help="re-run the saved regressions and exit")
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     st = harness.fuzz(args.cases, args.seed, out_dir=out, trace_fraction=args.trace_fraction,
                       deep_fraction=args.deep_fraction, minimize_failures=not args.no_minimize,
-                      log=lambda m: print(m, flush=True), max_seconds=args.max_seconds, known=known)
+                      log=lambda m: print(m, flush=True), max_seconds=args.max_seconds, known=known,
+                      only=args.only)
     wall = time.monotonic() - t0
     print()
     print(f"cases        {st.cases} in {wall:.0f} s ({st.cases / wall:.0f} cases/s; "

@@ -179,11 +179,11 @@ def test_check_validates_every_snapshot_and_the_tables(disk, tmp_path):
     assert host
     cases = {  # what a damaged or crafted table does -> what check must say
         "onto the L1 table": (at, (snap.l1_table_offset | (int.from_bytes(entry, "big") & ~L2E_OFFSET_MASK))
-                              .to_bytes(8, "big"), "overlaps the L1 table"),
-        "twice the same cluster": (at + width, entry, "overlaps a cluster of the VM state"),
+                              .to_bytes(8, "big"), "overlaps its L1 table"),
+        "twice the same cluster": (at + width, entry, "overlaps VM state cluster"),
         "past the end": (at, ((disk.path.stat().st_size + (1 << 30)) & L2E_OFFSET_MASK
                               | int.from_bytes(entry, "big") & ~L2E_OFFSET_MASK).to_bytes(8, "big"),
-                         "points past the end of the file"),
+                         "lies past the end of the file"),
     }
     for what, (offset, data, says) in cases.items():
         bad = tmp_path / f"{what.replace(' ', '-')}.qcow2"
@@ -201,3 +201,35 @@ def test_a_disk_without_a_snapshot_name_says_what_to_do(disk, tmp_path):
     r = _ramfs("convert", str(disk.path), str(tmp_path / "out.save"))
     assert r.returncode == 2
     assert "qcow2 disk" in r.stderr and "--snapshot" in r.stderr and "paused, running, job" in r.stderr
+
+
+def _renamed(tmp_path: Path, name: bytes) -> Path:
+    """The v2 fuzz seed (real QEMU output, tests/data/qcow2) with snapshot 2 renamed in place."""
+    from fuzz.qcow2 import qcow2_blob, qcow2_file
+    b = qcow2_blob(qcow2_file("v2"))
+    field = b.find(name="snapshot1.name")[0]
+    assert b.get(field) == b"s2" and len(name) == field.size
+    b.overwrite(field.off, name)
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(bytes(b.buf))
+    return path
+
+
+def test_two_snapshots_of_one_name_have_their_own_index(tmp_path):
+    path = _renamed(tmp_path, b"s1")
+    cache = tmp_path / "cache"
+    with open_image(path, snapshot="s1", cache=cache) as first:
+        assert first.path.endswith("@s1#1")
+    with open_image(path, snapshot="2", cache=cache) as second:
+        assert second.path.endswith("@s1#2")
+        assert not second.index_from_cache  # not the index of snapshot 1
+    with open_image(path, snapshot="2", cache=cache) as again:
+        assert again.index_from_cache
+
+
+@pytest.mark.parametrize("name", [b"\0/", b"..", b"/."])
+def test_a_snapshot_name_is_not_a_path(tmp_path, name):
+    path = _renamed(tmp_path, name)
+    with open_image(path, snapshot="2", cache=tmp_path / "cache") as img:
+        assert img.path.startswith(f"{path}@") and img.path.count("/") == str(path).count("/")
+        assert img.blocks

@@ -38,8 +38,8 @@ QCOW_CRYPT_NONE = 0
 # vm_clock_nsec, vm_state_size, extra_data_size (then extra data, id, name, pad to 8).
 _SNAPSHOT = struct.Struct(">QIHHIIQII")
 QCOW_MAX_SNAPSHOTS = 65536  # qcow2.h
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS  # qcow2.h: the whole table, names included
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
-QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS  # qcow2.h: bytes of the whole table
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 QCOW_OFLAG_COMPRESSED = 1 << 62
@@ -89,8 +89,6 @@ class Snapshot:
     vm_state_size: int  # bytes of VM state (0: a disk-only snapshot)
     disk_size: int | None  # the disk size recorded with the snapshot (extra data), if any
     icount: int | None
-    entry_offset: int = 0  # where its entry of the snapshot table is, and how long (padded)
-    entry_size: int = 0
 
     def vm_state_offset(self, header: Qcow2Header) -> int:
         """Virtual offset of the VM state (qcow2_vm_state_offset with the snapshot's size)."""
@@ -134,16 +132,33 @@ def parse_header(src: Source) -> Qcow2Header:
 
 
 def parse_snapshots(src: Source, h: Qcow2Header) -> list[Snapshot]:
-    """The snapshot table (qcow2_read_snapshots), bounded by the file's size."""
+    """The snapshot table (qcow2_read_snapshots), bounded as QEMU bounds it."""
+    return read_snapshot_table(src, h)[0]
+
+
+_WINDOW = 64 << 10
+
+
+def read_snapshot_table(src: Source, h: Qcow2Header) -> tuple[list[Snapshot], int]:
+    """The snapshots and the offset just past the table's last entry."""
+    if h.nb_snapshots and h.snapshots_offset % h.cluster_size:
+        raise FormatError(f"qcow2 snapshot table offset {h.snapshots_offset:#x} is not cluster aligned", 64)
     out = []
     pos = h.snapshots_offset
-    if h.nb_snapshots and pos % h.cluster_size:
-        # qcow2_do_open -> qcow2_validate_table: the table starts on a cluster.
-        raise FormatError(f"qcow2 snapshot table offset {pos:#x} is not cluster aligned", 64)
+    # The table is read through a window, in as few preads as its size allows.
+    win_at, win = pos, src.read_at(pos, _WINDOW)
+
+    def read(at: int, n: int) -> bytes:
+        nonlocal win_at, win
+        if not (win_at <= at and at + n <= win_at + len(win)):
+            win_at, win = at, src.read_at(at, max(n, _WINDOW))
+        return win[at - win_at:at - win_at + n]
+
     for i in range(h.nb_snapshots):
         if pos - h.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
-            raise FormatError(f"qcow2 snapshot table longer than {QCOW_MAX_SNAPSHOTS_SIZE} bytes", pos)
-        raw = src.read_at(pos, _SNAPSHOT.size)
+            raise FormatError(f"qcow2 snapshot table over {QCOW_MAX_SNAPSHOTS_SIZE} bytes (at snapshot {i})",
+                              h.snapshots_offset)
+        raw = read(pos, _SNAPSHOT.size)
         if len(raw) < _SNAPSHOT.size:
             raise TruncatedError(f"qcow2 snapshot {i}: the table ends inside its header", pos)
         l1_off, l1_size, id_size, name_size, dsec, dnsec, clock, vm_size, extra_size = _SNAPSHOT.unpack(raw)
@@ -151,7 +166,7 @@ def parse_snapshots(src: Source, h: Qcow2Header) -> list[Snapshot]:
             raise FormatError(f"qcow2 snapshot {i}: {extra_size} bytes of extra data", pos + 36)
         if l1_size > QCOW_MAX_L1_SIZE:
             raise FormatError(f"qcow2 snapshot {i}: L1 table of {l1_size} entries", pos + 8)
-        body = src.read_at(pos + _SNAPSHOT.size, extra_size + id_size + name_size)
+        body = read(pos + _SNAPSHOT.size, extra_size + id_size + name_size)
         if len(body) < extra_size + id_size + name_size:
             raise TruncatedError(f"qcow2 snapshot {i}: the table ends inside its names", pos)
         extra = body[:extra_size]
@@ -160,22 +175,9 @@ def parse_snapshots(src: Source, h: Qcow2Header) -> list[Snapshot]:
         icount = int.from_bytes(extra[16:24], "big") if extra_size >= 24 else None
         sid = body[extra_size:extra_size + id_size].decode("utf-8", "surrogateescape")
         name = body[extra_size + id_size:].decode("utf-8", "surrogateescape")
-        entry = pos
-        pos += _SNAPSHOT.size + extra_size + id_size + name_size
-        pos += -pos % 8
         out.append(Snapshot(i, sid, name, l1_off, l1_size, dsec, dnsec, clock,
                             large if large is not None else vm_size, disk_size,
-                            icount if icount != (1 << 64) - 1 else None, entry, pos - entry))
-    return out
-
-
-def snapshot_table_size(h: Qcow2Header, snapshots: list[Snapshot]) -> int:
-    """Bytes of the snapshot table, from its offset to the end of its last entry."""
-    return snapshots[-1].entry_offset + snapshots[-1].entry_size - h.snapshots_offset if snapshots else 0
-
-
-def l2_entry(raw: bytes, index: int, extended: bool) -> tuple[int, int]:
-    """(standard L2 entry, subcluster bitmap or 0) at ``index`` of an L2 table."""
-    if extended:
-        return struct.unpack_from(">QQ", raw, index * 16)
-    return struct.unpack_from(">Q", raw, index * 8)[0], 0
+                            icount if icount != (1 << 64) - 1 else None))
+        pos += _SNAPSHOT.size + extra_size + id_size + name_size
+        pos += -pos % 8
+    return out, pos

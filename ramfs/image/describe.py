@@ -175,9 +175,10 @@ def check_qcow2(path: str, warnings: list[str] | None = None, placement: Placeme
     for s in with_state:
         own: list[str] = []
         found = check(path, warnings=own, placement=placement, snapshot=s.index)
-        problems += [f"snapshot {s.name!r}: {p}" for p in found]
+        said = f"snapshot {s.name!r}"
+        problems += [p if said in p else f"{said}: {p}" for p in found]
         if warnings is not None:
-            warnings += [f"snapshot {s.name!r}: {w}" for w in own]
+            warnings += [w if said in w else f"{said}: {w}" for w in own]
     return problems
 
 

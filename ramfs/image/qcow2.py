@@ -2,10 +2,12 @@
 byte), for the same reader as a save file (ramfs.image.model).
 
 The snapshot's L1 and L2 tables are read once, when the source is opened, into a map of the
-VM state's clusters (an array of host offsets; ~8 bytes per cluster, so 1 MiB for a 8 GiB state
-in 64 KiB clusters): a read then costs one ``pread`` per contiguous run of host clusters, and
-nothing else. The qcow2 file is only read, never locked or written; the map is taken from the
-file as it is at open, so a disk being written by a running QEMU is read consistently only for
+VM state's clusters (extents: runs of clusters contiguous in the file, or of zeros; 16 bytes
+each, and a state QEMU wrote in one go is one or a few of them): a read then costs one
+``pread`` per contiguous run of host clusters, and nothing else. The tables are checked as
+the map is built (alignment, bounds, overlaps), so a damaged file is refused at open. The
+qcow2 file is only read, never locked or written; the map is taken from the file as it is
+at open, so a disk being written by a running QEMU is read consistently only for
 snapshots, whose clusters QEMU never changes while they exist (docs/formats.md §8).
 """
 
@@ -13,30 +15,56 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Self
 
 from ramfs.errors import FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError, UnsupportedError
-from ramfs.format.qcow2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO,
-                                Qcow2Header, Snapshot, l2_entry, parse_header, parse_snapshots,
-                                snapshot_table_size)
+from ramfs.format.qcow2 import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_MAX_L1_SIZE, QCOW_OFLAG_COMPRESSED,
+                                QCOW_OFLAG_ZERO, Qcow2Header, Snapshot, parse_header, parse_snapshots,
+                                read_snapshot_table)
 from ramfs.image.files import FileSource, WouldBlock
 
 ZERO = -1  # the cluster reads as zeros (unallocated, or QCOW_OFLAG_ZERO)
 SUBCLUSTERS = 32  # extended L2: 32 subclusters per cluster, bitmap allocated | zero << 32
+ALL_ALLOCATED = 0xFFFFFFFF
+# Bounds for hostile files: the L1 table is read this many bytes at a time (so a huge one in a
+# hole costs nothing), and a map of more extents than this is refused (16 MiB of map; a 64 GiB
+# state in 64 KiB clusters, not one of them next to the previous one, has 1M).
+_L1_CHUNK = 64 << 10
+MAX_EXTENTS = 1 << 20
+# _check_overlaps tags each range: room for every extent and every metadata range (the header,
+# the snapshot table, the L1 table, and at most one L2 table per L1 entry).
+_TAG_BITS = (MAX_EXTENTS + QCOW_MAX_L1_SIZE + 3).bit_length()
 
 
 class VmstateSource:
-    """One snapshot's VM state, read through its own L1/L2 tables."""
+    """One snapshot's VM state, read through its own L1/L2 tables.
+
+    The map is a list of extents, ``_starts[i]`` (first cluster of the state, sorted) to
+    ``_starts[i + 1]``: from ``_hosts[i]`` on contiguously in the file, or zeros (``ZERO``);
+    an extended L2 cluster with a partial subcluster bitmap is an extent of its own, its
+    bitmap in ``_bitmaps``. It is built from the tables once and checked as QEMU would have
+    them: tables and clusters aligned and inside the file, no data cluster used twice or
+    lying on the header, the L1 table, an L2 table or the snapshot table.
+    """
 
     def __init__(self, file: FileSource, snapshot_name: str | int):
         """``snapshot_name``: a snapshot's name, else its id; an ``int`` is its index in the
         snapshot table (names and ids need not be unique)."""
         self.file = file
+        try:
+            self._open(snapshot_name)
+        except BaseException:
+            file.close()  # ours from the call on: the caller has nothing to close
+            raise
+
+    def _open(self, snapshot_name: str | int) -> None:
+        file = self.file
         self.header: Qcow2Header = parse_header(file)
-        snaps = parse_snapshots(file, self.header)
-        self._table_size = snapshot_table_size(self.header, snaps)
+        snaps, self._table_end = read_snapshot_table(file, self.header)
         if isinstance(snapshot_name, int):
             found = snaps[snapshot_name:snapshot_name + 1] if snapshot_name >= 0 else []
         else:
@@ -48,106 +76,192 @@ class VmstateSource:
         if not self.snapshot.vm_state_size:
             raise UnsupportedError(f"{file.path}: snapshot {self.snapshot.name!r} has no VM state "
                                    f"(a disk-only snapshot)")
-        self.path = f"{file.path}@{self.snapshot.name}"
+        # The image's name, and its cache key (ramfs.image.cache.image_key resolves it as a path):
+        # a NUL, '/' or '..' in a snapshot name must not break or move it, and two snapshots
+        # of one name must not share a cached index.
+        self.path = f"{file.path}@{_escape(self.snapshot.name)}"
+        if sum(sn.name == self.snapshot.name for sn in snaps) > 1:
+            self.path += f"#{_escape(self.snapshot.id)}"
         self.stat = file.stat
         self.size = self.snapshot.vm_state_size
         self.fd = file.fd
         self._cbits = self.header.cluster_bits
         self._csize = 1 << self._cbits
         self._base = self.snapshot.vm_state_offset(self.header)
-        self._hosts = array("q")  # per cluster of the state: host offset or ZERO
-        self._bitmaps: dict[int, int] = {}  # extended L2: cluster index -> subcluster bitmap
+        self._starts = array("q")  # extents: first cluster index of the state
+        self._hosts = array("q")  # ... and its host offset, or ZERO
+        self._bitmaps: dict[int, int] = {}  # extended L2: cluster index -> partial subcluster bitmap
         self._build_map()
 
+    def _extent(self, k: int, host: int, alone: bool = False) -> None:
+        """Cluster ``k`` of the state is at ``host`` (or ZERO): a new extent unless it continues
+        the last one; ``alone``: an extent of its own (a cluster read subcluster by subcluster)."""
+        if self._starts and not alone and self._starts[-1] not in self._bitmaps:
+            last_k, last_h = self._starts[-1], self._hosts[-1]
+            if host == ZERO and last_h == ZERO:
+                return
+            if host != ZERO and last_h != ZERO and host == last_h + ((k - last_k) << self._cbits):
+                return
+        if len(self._starts) >= MAX_EXTENTS:
+            raise UnsupportedError(f"qcow2 snapshot {self.snapshot.name!r}: its VM state is in more than "
+                                   f"{MAX_EXTENTS} pieces")
+        self._starts.append(k)
+        self._hosts.append(host)
+
     def _build_map(self) -> None:
-        """Read the snapshot's L1 and the L2 tables of its VM state into ``_hosts``, checking
-        what QEMU's own checks (qcow2_read_snapshots, qcow2_validate_table, qcow2_get_host_offset,
-        qcow2-refcount.c's check_refcounts_l2) would find corrupt: unaligned or out-of-file
-        tables and clusters, subclusters both allocated and zero, and clusters that overlap
-        the header, the snapshot table, the L1 and L2 tables or each other, which only a
-        damaged or crafted file has and which would make one cluster's bytes appear twice."""
         h, s, f = self.header, self.snapshot, self.file
-        name = f"qcow2 snapshot {s.name!r}"
-        csize = self._csize
-        if self._base % csize:
-            raise FormatError(f"{name}: VM state offset not cluster aligned")
-        if s.l1_table_offset % csize or not s.l1_table_offset:
-            raise FormatError(f"{name}: L1 table offset {s.l1_table_offset:#x} is not a cluster "
-                              f"other than the header's", s.l1_table_offset)
-        first = self._base >> self._cbits
-        count = -(-self.size // csize)
-        l2_entries = 1 << h.l2_bits
-        l1_raw = f.read_at(s.l1_table_offset, s.l1_size * 8)
-        if len(l1_raw) < s.l1_size * 8:
-            raise TruncatedError(f"{name}: its L1 table runs past the end of the file", s.l1_table_offset)
-        used = _Clusters(f.size, self._cbits)
-        used.claim(0, csize, "the qcow2 header")
-        used.claim(h.snapshots_offset, self._table_size, "the snapshot table")
-        used.claim(s.l1_table_offset, s.l1_size * 8, f"the L1 table of {s.name!r}")
-        cached_l2: tuple[int, bytes] | None = None
-        for k in range(count):
-            vc = first + k
-            l1i, l2i = vc >> h.l2_bits, vc & (l2_entries - 1)
-            if l1i >= s.l1_size:
-                self._hosts.append(ZERO)
+        cs, cbits = self._csize, self._cbits
+        what = f"qcow2 snapshot {s.name!r}"
+        if s.l1_table_offset % cs:
+            raise FormatError(f"{what}: its L1 table offset {s.l1_table_offset:#x} is not cluster aligned")
+        first = self._base >> cbits
+        count = -(-self.size // cs)
+        l2_bits = h.l2_bits
+        l2_entries = 1 << l2_bits
+        entry_size = 16 if h.extended_l2 else 8
+        l1_first, l1_end = first >> l2_bits, ((first + count - 1) >> l2_bits) + 1
+        if l1_end > s.l1_size:
+            # QEMU grows the L1 table before it writes the state: it always maps all of it.
+            raise FormatError(f"{what}: its VM state ({self.size:#x} bytes at virtual offset {self._base:#x}) "
+                              f"runs past what its L1 table of {s.l1_size} entries maps")
+        # Host ranges of the metadata, to refuse overlaps: (start, end, what).
+        meta: list[tuple[int, int, str]] = [(0, cs, "the header"),
+                                            (s.l1_table_offset, s.l1_table_offset + 8 * s.l1_size, "its L1 table")]
+        if h.nb_snapshots:
+            meta.append((h.snapshots_offset, self._table_end, "the snapshot table"))
+        seen_l2: set[int] = set()
+        zero_chunk = bytes(_L1_CHUNK)
+        for chunk_start in range(l1_first, l1_end, _L1_CHUNK // 8):
+            n = min(_L1_CHUNK // 8, l1_end - chunk_start)
+            raw = f.read_at(s.l1_table_offset + 8 * chunk_start, 8 * n)
+            if len(raw) < 8 * n:
+                raise TruncatedError(f"{what}: its L1 table runs past the end of the file", s.l1_table_offset)
+            if raw == zero_chunk[:8 * n]:  # a stretch of unallocated L2 tables: zeros
+                self._extent(max(0, (chunk_start << l2_bits) - first), ZERO)
                 continue
-            l2_off = int.from_bytes(l1_raw[l1i * 8:l1i * 8 + 8], "big") & L1E_OFFSET_MASK
-            if not l2_off:
-                self._hosts.append(ZERO)
-                continue
-            if cached_l2 is None or cached_l2[0] != l2_off:
-                if l2_off % csize:
-                    raise FormatError(f"{name}: L2 table offset {l2_off:#x} not cluster aligned", l2_off)
-                raw = f.read_at(l2_off, csize)
-                if len(raw) < csize:
-                    raise TruncatedError(f"{name}: an L2 table runs past the end of the file", l2_off)
-                used.claim(l2_off, csize, "an L2 table")
-                cached_l2 = (l2_off, raw)
-            entry, bitmap = l2_entry(cached_l2[1], l2i, h.extended_l2)
-            if entry & QCOW_OFLAG_COMPRESSED:
-                raise UnsupportedError(f"{name}: compressed clusters in the VM state (QEMU never "
-                                       f"writes them there)")
-            host = entry & L2E_OFFSET_MASK
-            if h.extended_l2:
-                alloc, zero = bitmap & 0xFFFFFFFF, bitmap >> 32
-                if alloc & zero:
-                    raise FormatError(f"{name}: extended L2 entry {l2i} marks subclusters both "
-                                      f"allocated and zero", l2_off)
-                if alloc and not host:
-                    raise FormatError(f"{name}: extended L2 entry {l2i} has allocated subclusters "
-                                      f"and no cluster", l2_off)
-                if not alloc:
-                    self._hosts.append(ZERO)
+            for j, l1e in enumerate(struct.unpack(f">{n}Q", raw)):
+                l1i = chunk_start + j
+                lo = max(first, l1i << l2_bits)  # the state's clusters this L2 table maps
+                hi = min(first + count, (l1i + 1) << l2_bits)
+                l2_off = l1e & L1E_OFFSET_MASK
+                if not l2_off:
+                    self._extent(lo - first, ZERO)
                     continue
-                if alloc != 0xFFFFFFFF:
-                    self._bitmaps[k] = bitmap
-            elif entry & QCOW_OFLAG_ZERO or not host:
-                self._hosts.append(ZERO)
+                if l2_off % cs:
+                    raise FormatError(f"{what}: L1 entry {l1i} points to an unaligned L2 table {l2_off:#x}")
+                if l2_off in seen_l2:
+                    raise FormatError(f"{what}: L2 table {l2_off:#x} is used twice by its L1 table")
+                seen_l2.add(l2_off)
+                meta.append((l2_off, l2_off + cs, f"L2 table {l2_off:#x}"))
+                a = (lo & (l2_entries - 1)) * entry_size
+                z = (((hi - 1) & (l2_entries - 1)) + 1) * entry_size
+                if l2_off + cs > f.size:
+                    raise TruncatedError(f"{what}: L2 table {l2_off:#x} runs past the end of the file", l2_off)
+                l2 = f.read_at(l2_off + a, z - a)
+                if len(l2) < z - a:
+                    raise TruncatedError(f"{what}: L2 table {l2_off:#x} runs past the end of the file", l2_off)
+                if l2.count(0) == len(l2):  # no cluster allocated there
+                    self._extent(lo - first, ZERO)
+                    continue
+                self._map_l2(l2, lo - first, hi - first)
+        self._check_overlaps(meta, count)
+
+    def _check_overlaps(self, meta: list[tuple[int, int, str]], count: int) -> None:
+        """No two of the metadata ranges and the data extents share a byte of the file (in a
+        file QEMU wrote, the refcounts keep them apart). Ranges are packed as ``(start << 64 |
+        end) << 21 | tag`` ints to sort (one small int per extent; the tag says which range it
+        is, for the message only)."""
+        starts, hosts, cbits = self._starts, self._hosts, self._cbits
+        packed = [(a << 64 | z) << _TAG_BITS | i for i, (a, z, _) in enumerate(meta)]
+        for i, k in enumerate(starts):
+            if hosts[i] != ZERO:
+                k_end = starts[i + 1] if i + 1 < len(starts) else count
+                packed.append((hosts[i] << 64 | (hosts[i] + ((k_end - k) << cbits))) << _TAG_BITS
+                              | (len(meta) + i))
+        packed.sort()
+        mask = (1 << 64) - 1
+        for x, y in zip(packed, packed[1:]):
+            x_start, x_end = x >> (64 + _TAG_BITS), (x >> _TAG_BITS) & mask
+            y_start = y >> (64 + _TAG_BITS)
+            if y_start < x_end:
+                raise FormatError(f"qcow2 snapshot {self.snapshot.name!r}: {self._name(y, meta)} ({y_start:#x}) "
+                                  f"overlaps {self._name(x, meta)} ({x_start:#x})", y_start)
+
+    def _name(self, packed: int, meta: list[tuple[int, int, str]]) -> str:
+        tag = packed & ((1 << _TAG_BITS) - 1)
+        if tag < len(meta):
+            return meta[tag][2]
+        return f"VM state cluster {self._starts[tag - len(meta)]}"
+
+    def _map_l2(self, l2: bytes, lo: int, hi: int) -> None:
+        """Clusters ``lo`` to ``hi`` of the state from their L2 entries ``l2``."""
+        h, f = self.header, self.file
+        cs = self._csize
+        what = f"qcow2 snapshot {self.snapshot.name!r}"
+        ext = h.extended_l2
+        values = struct.unpack(f">{len(l2) // 8}Q", l2)
+        step = 2 if ext else 1
+        for i, k in enumerate(range(lo, hi)):
+            entry = values[i * step]
+            if entry & QCOW_OFLAG_COMPRESSED:
+                raise UnsupportedError(f"{what}: compressed clusters in the VM state")
+            host = entry & L2E_OFFSET_MASK
+            need = min(cs, self.size - (k << self._cbits))  # bytes of this cluster the state uses
+            bitmap = ALL_ALLOCATED
+            if ext:
+                # docs/interop/qcow2.txt "Extended L2 Entries"; QEMU calls these corrupt too.
+                bitmap = values[i * step + 1] & ALL_ALLOCATED
+                if bitmap & values[i * step + 1] >> 32:
+                    raise FormatError(f"{what}: the extended L2 entry of cluster {k} has subclusters both "
+                                      f"allocated and zero ({values[i * step + 1]:#x})")
+                if not bitmap:
+                    self._extent(k, ZERO)
+                    continue
+                if not host:
+                    raise FormatError(f"{what}: the extended L2 entry of cluster {k} has allocated subclusters "
+                                      "and no cluster")
+                if bitmap != ALL_ALLOCATED:
+                    need = min(need, bitmap.bit_length() * (cs // SUBCLUSTERS))
+            elif entry & QCOW_OFLAG_ZERO:
+                if h.version < 3:  # reserved in version 2; QEMU calls it corruption
+                    raise FormatError(f"{what}: a zero cluster (L2 entry {entry:#x}) in a version 2 image")
+                self._extent(k, ZERO)
                 continue
-            if host % csize:
-                raise FormatError(f"{name}: L2 entry {l2i} points to an unaligned cluster {host:#x}", l2_off)
-            if host >= f.size:
-                raise FormatError(f"{name}: L2 entry {l2i} points past the end of the file "
-                                  f"({host:#x} >= {f.size:#x})", l2_off)
-            used.claim(host, csize, "a cluster of the VM state")
-            self._hosts.append(host)
+            elif not host:
+                self._extent(k, ZERO)
+                continue
+            if host % cs:
+                raise FormatError(f"{what}: an L2 entry points to an unaligned cluster {host:#x}")
+            if host + need > f.size:
+                raise TruncatedError(f"{what}: cluster {k} of its VM state ({host:#x}) lies past the end of "
+                                     "the file", host)
+            if bitmap != ALL_ALLOCATED:
+                self._bitmaps[k] = bitmap
+                self._extent(k, host, alone=True)
+            else:
+                self._extent(k, host)
 
     # -- reads ---------------------------------------------------------------------------
     def _runs(self, offset: int, size: int) -> Iterator[tuple[int | None, int]]:
         """``(host offset or None, length)`` covering ``[offset, offset+size)`` of the state."""
         end = min(offset + size, self.size)
         pos = offset
-        sub = self._csize // 32
+        cbits, csize = self._cbits, self._csize
+        sub = csize // SUBCLUSTERS
+        starts, hosts = self._starts, self._hosts
+        i = bisect_right(starts, pos >> cbits) - 1
         while pos < end:
-            k = pos >> self._cbits
-            within = pos & (self._csize - 1)
-            n = min(end - pos, self._csize - within)
-            host = self._hosts[k]
+            k = pos >> cbits
+            while i + 1 < len(starts) and starts[i + 1] <= k:
+                i += 1
+            ext_end = (starts[i + 1] << cbits) if i + 1 < len(starts) else end
+            host = hosts[i]
+            within = pos - (starts[i] << cbits)  # from the extent's start
+            n = min(end, ext_end) - pos
             bitmap = self._bitmaps.get(k)
             if bitmap is not None:  # extended L2: subcluster by subcluster
                 n = min(n, sub - within % sub)
-                allocated = bitmap >> (within // sub) & 1
-                yield (host + within if allocated else None), n
+                yield (host + within if bitmap >> (within // sub) & 1 else None), n
             else:
                 yield (None if host == ZERO else host + within), n
             pos += n
@@ -211,31 +325,8 @@ class VmstateSource:
         self.close()
 
 
-class _Clusters:
-    """Which host clusters a snapshot's VM state map uses: one bit per cluster of the file,
-    so memory follows the file's size over the cluster size (a 100 GiB file of 64 KiB
-    clusters: 200 KiB), never the number of entries read."""
-
-    def __init__(self, file_size: int, cluster_bits: int):
-        self._bits = cluster_bits
-        self._map = bytearray(((file_size >> cluster_bits) + 1 + 7) // 8)
-        self._what: dict[int, str] = {}  # cluster -> what claimed it, for metadata only
-
-    def claim(self, offset: int, size: int, what: str) -> None:
-        if size <= 0:
-            return
-        lo, hi = offset >> self._bits, (offset + size - 1) >> self._bits
-        for c in range(lo, hi + 1):
-            if c >> 3 >= len(self._map):
-                return  # past the end of the file: the read of it says so
-            bit = 1 << (c & 7)
-            if self._map[c >> 3] & bit:
-                other = self._what.get(c, "a cluster of the VM state")
-                raise FormatError(f"qcow2: {what} overlaps {other} at {c << self._bits:#x} "
-                                  f"(a damaged or crafted file)", c << self._bits)
-            self._map[c >> 3] |= bit
-            if what != "a cluster of the VM state":
-                self._what[c] = what
+def _escape(name: str) -> str:
+    return name.replace("%", "%25").replace("/", "%2F").replace("\0", "%00").replace("#", "%23")
 
 
 def needs_snapshot_error(path: str) -> NotAnImageError:

@@ -88,6 +88,8 @@ class Image:
 
     segments: list[tuple[int, bytes]]
     size: int
+    snapshot: str | None = None  # a qcow2 disk: open this snapshot's VM state
+
 
     @property
     def dense(self) -> bytes:
@@ -100,13 +102,18 @@ class Image:
             h.update(struct.pack("<QQ", off, len(data)))
             h.update(data)
         h.update(struct.pack("<Q", self.size))
+        if self.snapshot is not None:
+            h.update(b"snapshot:" + self.snapshot.encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def to_json(self) -> dict:
-        return {"size": self.size, "segments": [
+        out = {"size": self.size, "segments": [
             {"offset": off, "length": len(data)} if i == 0 else
             {"offset": off, "data_b64": base64.b64encode(data).decode()}
             for i, (off, data) in enumerate(self.segments)]}
+        if self.snapshot is not None:
+            out["snapshot"] = self.snapshot
+        return out
 
     @classmethod
     def load(cls, bin_path: Path, meta: dict) -> Image:
@@ -114,7 +121,7 @@ class Image:
         segs = [(0, first)]
         for s in meta.get("image", {}).get("segments", [])[1:]:
             segs.append((s["offset"], base64.b64decode(s["data_b64"])))
-        return cls(segs, meta.get("image", {}).get("size", len(first)))
+        return cls(segs, meta.get("image", {}).get("size", len(first)), meta.get("image", {}).get("snapshot"))
 
 
 def compress(fmt: int, data: bytes) -> bytes:
@@ -151,7 +158,7 @@ def assemble(case: Case) -> Image:
             elif edit[0] == "zeros":  # a second frame/member holding that many MiB of zeros
                 body += _zeros_frame(case.compress, edit[1])
         first = prefix + bytes(body)
-        return Image([(0, first)], len(first) + case.extend)
+        return Image([(0, first)], len(first) + case.extend, case.snapshot)
     first = prefix + stream
     segs = [(0, first)]
     end = len(first)
@@ -160,7 +167,7 @@ def assemble(case: Case) -> Image:
         if at >= len(first) and len(blob):
             segs.append((at, bytes(blob.buf)))
             end = max(end, at + len(blob))
-    return Image(segs, end + case.extend)
+    return Image(segs, end + case.extend, case.snapshot)
 
 
 def write_image(path: str, img: Image) -> None:
@@ -425,6 +432,7 @@ class Runner:
             shutil.rmtree(self.cache)
         fds = _fd_count()
         res = Result(outcome="")
+        self._snapshot = img.snapshot
         self._trace = trace and not tracemalloc.is_tracing()
         if self._trace:
             tracemalloc.start()
@@ -486,13 +494,15 @@ class Runner:
 
     def _exercise(self, res: Result, deep: bool, read_seed: int, steps=None) -> None:
         path = self.path
+        snap = self._snapshot
         want = (lambda s: True) if steps is None else (lambda s: s in steps)
         notes: list[str] = []
         compressed = _compressed_format(path)
+        refused: list[str] = []  # the error type of the first open, if it failed
 
         def plain():
             try:
-                with open_image(path, use_cache=False) as img:
+                with open_image(path, use_cache=False, snapshot=snap) as img:
                     reads = self._reads(img, read_seed)
                     facts = describe(img)
                     json.dumps(facts)
@@ -501,9 +511,13 @@ class Runner:
                     return reads
             except RamfsError as e:
                 notes.append(self._ramfs_error("open", e))
+                refused.append(type(e).__name__)
                 return None
 
         reads = self._step(res, "open", plain) if want("open") else None
+
+        if snap is not None and want("qcow2"):
+            self._step(res, "qcow2", lambda: self._qcow2(path, snap, reads, refused, read_seed, notes))
 
         def devices():
             # The device state decoded by the VM description (vmstate.py), the CPUs taken from
@@ -514,7 +528,7 @@ class Runner:
             from ramfs.image.phys import phys_map
             from ramfs.views.phys import PhysView
             try:
-                with open_image(path, use_cache=False) as img:
+                with open_image(path, use_cache=False, snapshot=snap) as img:
                     try:
                         ds = parse_devices(img.data, img.layout)
                         json.dumps(ds.to_dict())
@@ -560,7 +574,7 @@ class Runner:
             self._step(res, "devices", devices)
 
         def checked():
-            problems = check(path)
+            problems = check(path, snapshot=snap)
             if not isinstance(problems, list) or not all(isinstance(p, str) and p.strip() for p in problems):
                 raise _Step(Failure("empty-message", "check", f"check returned {problems!r:.200}"))
             for p in problems:
@@ -574,7 +588,7 @@ class Runner:
         if want("cached") and (compressed or (deep and (reads is not None or steps is not None))):
             def cached():
                 try:
-                    with open_image(path, cache=self.cache) as img:
+                    with open_image(path, cache=self.cache, snapshot=snap) as img:
                         first = self._reads(img, read_seed)
                         describe(img)
                         if compressed:  # the device state, from the decompressed stream
@@ -584,7 +598,7 @@ class Runner:
                             except RamfsError as e:
                                 self._ramfs_error("cached", e)
                     del img  # what ramfs holds, not what the harness keeps, is measured
-                    with open_image(path, cache=self.cache) as img:
+                    with open_image(path, cache=self.cache, snapshot=snap) as img:
                         second = self._reads(img, read_seed)
                         from_cache = img.index_from_cache
                     del img
@@ -604,9 +618,87 @@ class Runner:
         if deep:
             for argv in (["info", path], ["info", "--json", path], ["check", path]):
                 name = "cli-" + "-".join(a for a in argv[:-1]).replace("--", "")
+                if snap is not None:
+                    argv = [*argv[:-1], "--snapshot", snap, path]
                 if want(name):
                     self._step(res, name, lambda argv=argv, name=name: self._cli(argv, name))
         res.outcome = "|".join(notes)
+
+    def _qcow2(self, path: str, snap: str, reads: list | None, refused: list[str], read_seed: int,
+               notes: list[str]) -> None:
+        """A qcow2 disk, as users meet it and read two ways.
+
+        The listing a mount makes (``snapshots_with_state``) and a plain open (refused, naming
+        the snapshots); then the snapshot's VM state through ramfs's cluster map against
+        :func:`fuzz.qcow2.read_vmstate` (QEMU's rules, written apart): where ramfs builds a map,
+        QEMU must not call the file corrupt, the bytes must be the same, and what
+        ``data_ranges`` leaves out must be zeros; that stream written as a plain file must
+        open and read exactly as the snapshot did (or fail the same way).
+        """
+        from fuzz.qcow2 import Refused, read_vmstate
+        from ramfs.image.files import FileSource
+        from ramfs.image.qcow2 import VmstateSource, snapshots_with_state
+        try:
+            names = [s.name for s in snapshots_with_state(path)]
+            notes.append(f"snaps:{len(names)}")
+        except RamfsError as e:
+            notes.append("snaps" + self._ramfs_error("qcow2", e))
+        try:
+            with open_image(path, use_cache=False):
+                pass
+            raise _Step(Failure("mismatch", "qcow2", "a qcow2 disk opened without --snapshot"))
+        except RamfsError as e:
+            self._ramfs_error("qcow2", e)
+        try:
+            src = VmstateSource(FileSource(path), snap)
+        except RamfsError as e:
+            notes.append("map" + self._ramfs_error("qcow2", e))
+            return
+        with src:
+            try:
+                ref = read_vmstate(path, snap)
+            except Refused as e:
+                if e.corrupt:
+                    raise _Step(Failure("mismatch", "qcow2",
+                                        f"ramfs maps a VM state that QEMU calls corrupt: {e}")) from None
+                return
+            try:
+                got = src.read_at(0, src.size)
+            except RamfsError as e:
+                raise _Step(Failure("mismatch", "qcow2", f"the cluster map was built, then reading the VM state "
+                                                         f"failed: {type(e).__name__}: {e}")) from None
+            if got != ref:
+                at = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+                raise _Step(Failure("mismatch", "qcow2", f"the VM state read through the cluster map differs from "
+                                                         f"QEMU's reading at {at:#x} ({len(got)} vs {len(ref)} bytes)"))
+            pos = 0
+            for a, z in [*src.data_ranges(0, src.size), (src.size, src.size)]:
+                if ref[pos:a].count(0) != a - pos:
+                    raise _Step(Failure("mismatch", "qcow2", f"data_ranges leaves out [{pos:#x}, {a:#x}), "
+                                                             "which holds data"))
+                pos = z
+        plain = str(self.dir / "plain.img")
+        with open(plain, "wb") as f:
+            f.write(ref)
+        try:
+            with open_image(plain, use_cache=False) as img:
+                again = self._reads(img, read_seed)
+        except RamfsError as e:
+            again = None
+            if not refused:
+                raise _Step(Failure("mismatch", "qcow2", f"the snapshot opens, its VM state as a plain file does not: "
+                                                         f"{type(e).__name__}: {e}")) from None
+            if type(e).__name__ != refused[0] and refused[0] != "ImageIOError":
+                raise _Step(Failure("mismatch", "qcow2", f"the snapshot is refused with {refused[0]}, its VM state "
+                                                         f"as a plain file with {type(e).__name__}: {e}")) from None
+        finally:
+            os.unlink(plain)
+        if again is not None and refused:
+            raise _Step(Failure("mismatch", "qcow2", f"the snapshot is refused ({refused[0]}), its VM state as a "
+                                                     "plain file opens"))
+        if again is not None and reads is not None and again != reads:
+            raise _Step(Failure("mismatch", "qcow2", "the snapshot and its VM state as a plain file read other "
+                                                     "bytes: " + _diff(reads, again)))
 
     def _cli(self, argv: list[str], step: str) -> None:
         from ramfs import cli
@@ -743,7 +835,7 @@ def replay(runner: Runner, img: Image, meta: dict, *, quick: bool = False) -> Re
     if meta.get("expect") == "opens":
         write_image(runner.path, img)
         try:
-            with open_image(runner.path, use_cache=False) as opened:
+            with open_image(runner.path, use_cache=False, snapshot=img.snapshot) as opened:
                 if not opened.blocks:
                     res.failures.append(Failure("rejects-valid", "open", "opens with no RAM block"))
         except RamfsError as e:
@@ -766,11 +858,13 @@ def minimize(runner: Runner, img: Image, failure: Failure, *, budget_s: float = 
     deadline = time.monotonic() + budget_s
 
     def fails(d: bytes) -> bool:
-        r = runner.run(Image([(0, d)], len(d)), trace=False, deep=True, read_seed=0, steps=steps)
+        r = runner.run(Image([(0, d)], len(d), img.snapshot), trace=False, deep=True, read_seed=0, steps=steps)
         return any(f.signature == signature for f in r.failures)
 
     if not fails(data):
         return img
+    if img.snapshot is not None:
+        return _sparse(_zero_out(fails, data, deadline), img.snapshot)
     lo, hi = 0, len(data)  # the shortest failing prefix lies in (lo, hi]
     while hi - lo > 1 and time.monotonic() < deadline:
         mid = (lo + hi) // 2
@@ -789,7 +883,39 @@ def minimize(runner: Runner, img: Image, failure: Failure, *, budget_s: float = 
             else:
                 i += chunk
         chunk //= 2
-    return Image([(0, data)], len(data))
+    return Image([(0, data)], len(data), img.snapshot)
+
+
+def _zero_out(fails, data: bytes, deadline: float) -> bytes:
+    """A qcow2 file's bytes zeroed chunk by chunk (halving down to 64 bytes) while it still fails:
+    deleting bytes would move every cluster, zeroing keeps the offsets that matter."""
+    buf = bytearray(data)
+    chunk = 1 << 16
+    while chunk >= 64 and time.monotonic() < deadline:
+        for i in range(0, len(buf), chunk):
+            if time.monotonic() >= deadline:
+                break
+            piece = buf[i:i + chunk]
+            if piece.count(0) == len(piece):
+                continue
+            cand = bytearray(buf)
+            cand[i:i + chunk] = bytes(len(piece))
+            if fails(bytes(cand)):
+                buf = cand
+        chunk //= 4
+    return bytes(buf)
+
+
+def _sparse(data: bytes, snapshot: str | None) -> Image:
+    """``data`` as segments of non-zero bytes over holes (a zeroed-out qcow2 file is mostly holes;
+    the first segment goes to the ``.bin``, the others into the ``.json``)."""
+    runs: list[list[int]] = [[0, 0]]
+    for m in re.finditer(rb"[^\x00]+", data):
+        if m.start() - runs[-1][1] < 512:
+            runs[-1][1] = m.end()
+        else:
+            runs.append([m.start(), m.end()])
+    return Image([(a, data[a:z]) for a, z in runs], len(data), snapshot)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -800,6 +926,7 @@ def verify_seeds(seeds: list[Case], runner: Runner) -> None:
         img = assemble(c)
         write_image(runner.path, img)
         kw = {"cache": runner.cache} if c.compress else {"use_cache": False}
+        kw["snapshot"] = c.snapshot
         try:
             with open_image(runner.path, **kw) as opened:
                 assert opened.blocks, c.name
@@ -849,15 +976,16 @@ def known_signatures(d: Path = REGRESSIONS) -> set[str]:
 
 def fuzz(cases: int, seed: int, *, out_dir: Path, trace_fraction: float = 0.2, deep_fraction: float = 0.2,
          minimize_failures: bool = True, log=None, progress_every: float = 10.0, corpus_cap: int = 3000,
-         max_seconds: float | None = None, known: set[str] = frozenset(), heavy: bool = True) -> Stats:
+         max_seconds: float | None = None, known: set[str] = frozenset(), heavy: bool = True,
+         only: str | None = None) -> Stats:
     """Mutate the seeds ``cases`` times; failures with a new signature are saved in ``out_dir``.
 
     Failures whose signature is in ``known`` (open bugs with a saved regression) are counted
     in ``Stats.known`` and not saved again. ``heavy=False``: no mutation that is slow by
-    nature (see :func:`fuzz.mutate.mutate`).
+    nature (see :func:`fuzz.mutate.mutate`). ``only``: the seeds whose name starts so.
     """
     from fuzz.mutate import mutate
-    seeds = build_seeds()
+    seeds = [c for c in build_seeds() if only is None or c.name.startswith(only)]
     stats = Stats()
     rng = random.Random(seed)
     with Runner() as runner:

@@ -589,6 +589,233 @@ OPS = [  # (weight, operator)
 _TOTAL = sum(w for w, _ in OPS)
 
 
+# --- qcow2 disks (fuzz.qcow2 maps them) ---------------------------------------------------------
+
+QCOW2_L1E_MASK = 0x00FFFFFFFFFFFE00
+QCOW2_COMPRESSED, QCOW2_COPIED = 1 << 62, 1 << 63
+
+
+def _qcs(b: Blob) -> int:
+    """The cluster size the header says now (64 KiB when it says nonsense)."""
+    f = b.find(name="cluster_bits")
+    bits = b.get(f[0]) if f else 16
+    return 1 << bits if 9 <= bits <= 21 else 1 << 16
+
+
+def _qclusters(b: Blob, what: str | None = None) -> list[int]:
+    return [f.off for f in b.find(role="qcluster") if what is None or f.name == what]
+
+
+def _qstructures(b: Blob) -> list[int]:
+    """Offsets of the file's structures: where a bad pointer hurts most."""
+    out = _qclusters(b)
+    for f in b.find(role="qoffset"):
+        out.append(b.get(f))
+    return out
+
+
+def _qvalues(b: Blob, f: Field, rng) -> list[int]:
+    orig = b.get(f)
+    cs = _qcs(b)
+    end = len(b)
+    role = f.role
+    vals = [0, 1, orig + 1, orig - 1, orig ^ (1 << rng.randrange(_width(f))), (1 << _width(f)) - 1]
+    if role == "qoffset":
+        vals += [cs, end, end - cs, (end + cs - 1) // cs * cs, end + cs, orig + 512, orig + cs // 2, orig + cs,
+                 orig - cs, 1 << 56, (1 << 56) - cs, 1 << 62 | orig, 1 << 63 | orig, 72, 104]
+        vals += _qstructures(b)
+    elif role == "l1size":
+        vals += [2, 3, 0x400000, 0x400001, 0x3FFFFFFF, end // 8, end // 8 + 1, orig * 2, orig + 32]
+    elif role == "qcount":
+        vals += [2, 3, 4, 5, 0xFFFF, 0x10000, 0x10001, 0x7FFFFFFF]
+    elif role == "qlen":
+        vals += [7, 8, 16, 23, 24, 0xFF, 0x100, 0xFFFF, 1024, 1025, 72, 100, 104, 112, cs, cs + 1, orig + 8, orig - 8,
+                 0xFFFFFFFF]
+    elif role == "cbits":
+        vals += [8, 9, 10, 12, 13, 14, 15, 16, 17, 20, 21, 22, 31, 32, 63]
+    elif role == "qsize":
+        vals += [512, cs, orig + cs, orig - cs, orig * 2, orig // 2, orig + (1 << 30), 1 << 40, 1 << 55, 1 << 56,
+                 1 << 62, (1 << 63) - 1]
+    elif role == "crypt":
+        vals += [2, 3]
+    elif role == "qversion":
+        vals += [2, 3, 4]
+    elif role == "qfeatures":
+        vals += [orig ^ (1 << k) for k in range(6)] + [1 << 63 | orig, 0x1F]
+    elif role == "rcorder":
+        vals += list(range(8)) + [64]
+    elif role == "ctype":
+        vals += [0, 1, 2, 0xFF]
+    elif role == "exttype":
+        vals += [0, 0xE2792ACA, 0x6803F857, 0x23852875, 0x0537BE77, 0x44415441, 0x12345678]
+    elif role == "vmsize":
+        vals += [orig + cs, orig - cs, orig * 2, orig // 2, 0xFFFFFFFF, 1 << 32, 1 << 40, 1 << 56, 1 << 63, end,
+                 end * 2, orig + 4096, orig - 4096]
+    elif role == "qtime":
+        vals += [1 << 63, 999999999, 1000000000, 0xFFFFFFFF]
+    return vals
+
+
+def op_qint(case: Case, rng, **kw) -> str | None:
+    """A header, extension or snapshot-table field set to a value that means something to qcow2."""
+    b = case.stream
+    fields = [f for f in b.find(kind="int") if f.role not in ("l1e", "l2e", "l2bitmap")]
+    f = _pick(rng, fields)
+    if f is None:
+        return None
+    v = _pick(rng, _qvalues(b, f, rng))
+    b.set_int(f, v)
+    return f"qint {f.name}={v & ((1 << _width(f)) - 1):#x}"
+
+
+def op_qentry(case: Case, rng, **kw) -> str | None:
+    """An L1 or L2 entry pointed elsewhere (past EOF, unaligned, at the header, at other tables or
+    at another data cluster), or its flags changed (compressed, zero, copied, reserved bits)."""
+    b = case.stream
+    entries = b.find(role="l2e") + b.find(role="l1e")
+    used = [f for f in entries if b.get(f)]
+    f = _pick(rng, used if used and rng.random() < 0.85 else entries)
+    if f is None:
+        return None
+    e = b.get(f)
+    cs = _qcs(b)
+    host, flags = e & QCOW2_L1E_MASK, e & ~QCOW2_L1E_MASK
+    end = len(b)
+    mode = rng.randrange(4)
+    if mode == 0:
+        target = _pick(rng, _qclusters(b) + [0, end, end - cs, (end + cs - 1) // cs * cs, end + cs, 1 << 55])
+        v = flags | (target & QCOW2_L1E_MASK)
+    elif mode == 1:
+        v = flags | ((host + rng.choice([0x200, cs // 2, cs, -cs, 0x1000])) & QCOW2_L1E_MASK)
+    elif mode == 2:
+        v = e ^ rng.choice([QCOW2_COMPRESSED, 1, QCOW2_COPIED, 1 << rng.randrange(56, 62), 1 << rng.randrange(1, 9)])
+    else:
+        v = rng.choice([0, 1, QCOW2_COPIED, QCOW2_COMPRESSED | rng.getrandbits(62), U64, QCOW2_COPIED | 1,
+                        e | 1 << 62 | 1])
+    b.set_int(f, v)
+    return f"qentry {f.name}={v & U64:#x}"
+
+
+def op_qbitmap(case: Case, rng, **kw) -> str | None:
+    """An extended L2 entry's subcluster bitmap: allocated and zero bits, alone and together."""
+    b = case.stream
+    f = _pick(rng, [g for g in b.find(role="l2bitmap") if b.get(g)] or b.find(role="l2bitmap"))
+    if f is None:
+        return None
+    orig = b.get(f)
+    alloc, zero = orig & 0xFFFFFFFF, orig >> 32
+    bit = 1 << rng.randrange(32)
+    v = rng.choice([0xFFFFFFFF, 0xFFFFFFFF << 32, 0, alloc | (zero | bit) << 32, (alloc ^ bit) | zero << 32,
+                    0x0000FFFF, 0xFFFF0000, 0x0000FFFF << 32 | 0xFFFF0000, U64, rng.getrandbits(64),
+                    orig ^ (1 << rng.randrange(64))])
+    b.set_int(f, v)
+    return f"qbitmap {f.name}={v:#x}"
+
+
+def op_qsnapshot(case: Case, rng, **kw) -> str | None:
+    """Which snapshot is opened (another, by id, a disk-only one, none of them), or two with one name."""
+    b = case.stream
+    names = [bytes(b.get(f)) for f in b.find(role="snapname")]
+    ids = [bytes(b.get(f)) for f in b.find(role="snapid")]
+    if rng.random() < 0.7 or len(names) < 2:
+        pick = _pick(rng, names + ids + [b"disk-only", b"nonexistent", b"", b"\xff"])
+        case.snapshot = (pick or b"").decode("utf-8", "surrogateescape")
+        return f"qsnapshot open {case.snapshot!r}"
+    fs = b.find(role="snapname")
+    a, c = rng.sample(fs, 2)
+    if a.size == c.size:
+        b.overwrite(a.off, bytes(b.get(c)))
+        return f"qsnapshot rename {a.name} like {c.name}"
+    return None
+
+
+def op_qtruncate(case: Case, rng, **kw) -> str | None:
+    """The file cut at a cluster boundary or inside a structure (a cluster cut short)."""
+    b = case.stream
+    spans = b.find(role="qcluster") + b.find(role="qsnapshot")
+    f = _pick(rng, spans)
+    if f is None:
+        return None
+    cut = rng.choice([f.off, f.end, f.off + f.size // 2, f.end - 1, f.off + 1, f.off + 8, f.end - 8])
+    cut = max(0, min(len(b), cut))
+    b.truncate(cut)
+    return f"qtruncate {f.name}@{cut:#x}"
+
+
+def op_qcopy(case: Case, rng, **kw) -> str | None:
+    """One cluster's bytes over another's (an L2 table over VM state, the header over an L2 table...)."""
+    b = case.stream
+    spans = b.find(role="qcluster")
+    if len(spans) < 2:
+        return None
+    src, dst = rng.sample(spans, 2)
+    b.overwrite(dst.off, bytes(b.buf[src.off:src.off + dst.size]))
+    return f"qcopy {src.name}@{src.off:#x} over {dst.name}@{dst.off:#x}"
+
+
+def _qdata_entries(b: Blob) -> list[Field]:
+    return [f for f in b.find(role="l2e") if b.get(f) & QCOW2_L1E_MASK and not b.get(f) & QCOW2_COMPRESSED
+            and (b.get(f) & QCOW2_L1E_MASK) + _qcs(b) <= len(b)]
+
+
+def _qbitmap_of(b: Blob, f: Field) -> Field | None:
+    g = [x for x in b.find(role="l2bitmap") if x.off == f.off + 8]
+    return g[0] if g else None
+
+
+def op_qmove(case: Case, rng, **kw) -> str | None:
+    """Valid rearrangements that keep every byte of the VM state: a data cluster moved to the end of
+    the file, two data clusters swapped (contents and pointers), or, with extended L2, the
+    subclusters that hold only zeros marked unallocated or zero. The map must follow them."""
+    b = case.stream
+    cs = _qcs(b)
+    data = _qdata_entries(b)
+    if not data:
+        return None
+    mode = rng.randrange(3)
+    f = _pick(rng, data)
+    e = b.get(f)
+    host = e & QCOW2_L1E_MASK
+    if mode == 0:
+        pad = -len(b) % cs
+        new = len(b) + pad
+        b.buf += bytes(pad) + bytes(b.buf[host:host + cs])
+        b.set_int(f, (e & ~QCOW2_L1E_MASK) | new)
+        return f"qmove {f.name} to {new:#x}"
+    if mode == 1:
+        g = _pick(rng, [x for x in data if b.get(x) & QCOW2_L1E_MASK != host])
+        if g is None:
+            return None
+        e2 = b.get(g)
+        h2 = e2 & QCOW2_L1E_MASK
+        ca, cb = bytes(b.buf[host:host + cs]), bytes(b.buf[h2:h2 + cs])
+        b.overwrite(host, cb)
+        b.overwrite(h2, ca)
+        b.set_int(f, (e & ~QCOW2_L1E_MASK) | h2)
+        b.set_int(g, (e2 & ~QCOW2_L1E_MASK) | host)
+        return f"qswap {f.name} {g.name}"
+    bm = _qbitmap_of(b, f)
+    if bm is None:
+        return None
+    alloc = b.get(bm) & 0xFFFFFFFF
+    sub = cs // 32
+    zero_bits = rng.random() < 0.5
+    for k in range(32):
+        piece = b.buf[host + k * sub:host + (k + 1) * sub]
+        if alloc >> k & 1 and piece.count(0) == len(piece):
+            alloc &= ~(1 << k)
+    zeros = (~alloc & 0xFFFFFFFF) if zero_bits else 0
+    b.set_int(bm, zeros << 32 | alloc)
+    return f"qsubclusters {f.name} alloc={alloc:#x}"
+
+
+QOPS = [  # (weight, operator) for a qcow2 case
+    (25, op_qint), (25, op_qentry), (6, op_qbitmap), (8, op_qsnapshot), (8, op_qtruncate), (3, op_qcopy),
+    (8, op_qmove), (12, op_bytes), (2, op_extend), (3, op_int),
+]
+_QTOTAL = sum(w for w, _ in QOPS)
+
+
 def mutate(case: Case, rng, donors: list[Case], heavy: bool = True) -> Case:
     """A mutated copy: 1 to 6 stacked operators.
 
@@ -601,10 +828,11 @@ def mutate(case: Case, rng, donors: list[Case], heavy: bool = True) -> Case:
         n += 1
     done = 0
     tries = 0
+    ops, total = (QOPS, _QTOTAL) if c.snapshot is not None else (OPS, _TOTAL)
     while done < n and tries < 4 * n:
         tries += 1
-        x = rng.random() * _TOTAL
-        for w, op in OPS:  # noqa: B007 (op is the one picked: used after the loop)
+        x = rng.random() * total
+        for w, op in ops:  # noqa: B007 (op is the one picked: used after the loop)
             x -= w
             if x < 0:
                 break

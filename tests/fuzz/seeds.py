@@ -15,8 +15,9 @@ each seed keeps the real bytes where they matter and shrinks the rest structural
 Synthetic variants add what the fixtures lack (target-page-bits and uuid subsections,
 x-ignore-shared, a POSTCOPY_ADVISE with a hugepage block, 1 KiB pages, two PART sections,
 MULTIFD_FLUSH records, no footers, a version-1 or big-endian libvirt header, a 16 TiB
-sparse block), each laid out as QEMU or libvirt would write it. Every seed is checked to
-open without error before use (:func:`fuzz.harness.verify_seeds`).
+sparse block), each laid out as QEMU or libvirt would write it. qcow2 disks with internal
+snapshots are real QEMU files, mapped by :mod:`fuzz.qcow2`. Every seed is checked to open
+without error before use (:func:`fuzz.harness.verify_seeds`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from fuzz.blob import Blob
+from fuzz.qcow2 import QCOW2_SEEDS, qcow2_blob, qcow2_file
 
 from fixture_data import fixture_path
 
@@ -64,11 +66,12 @@ class Case:
     post: list[tuple] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
     known_bug: str | None = None  # a valid seed that ramfs rejects today (see regressions/)
+    snapshot: str | None = None  # a qcow2 disk (``stream`` is the whole file): the snapshot to open
 
     def copy(self) -> Case:
         return Case(self.name, self.stream.copy(), None if self.prefix is None else self.prefix.copy(),
                     self.compress, [(o, b.copy()) for o, b in self.far], self.extend, list(self.post),
-                    list(self.ops), self.known_bug)
+                    list(self.ops), self.known_bug, self.snapshot)
 
     def blobs(self) -> list[Blob]:
         out = [self.stream] + [b for _, b in self.far]
@@ -606,6 +609,10 @@ def build_seeds() -> list[Case]:
     # the retained tail), as with real compressed images.
     add("lv-zstd-seq-big", sequential(SEQ_PC, per_kind=300, vmdesc="full"), libvirt_prefix(fmt=5), compress=5)
     add("lv-gzip-seq-big", sequential(SEQ_Q35, per_kind=300), libvirt_prefix(fmt=1), compress=1)
+    # qcow2 disks with internal snapshots (real QEMU files, tests/data/qcow2/), one seed per
+    # snapshot with VM state; the disk-only snapshots are there for the mutators to pick.
+    for disk, snap in QCOW2_SEEDS:
+        seeds.append(Case(f"qcow2-{disk}@{snap}", qcow2_blob(qcow2_file(disk)), snapshot=snap))
     for c in seeds:
         c.ops = [f"seed:{c.name}"]
     return seeds
