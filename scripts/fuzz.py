@@ -3,8 +3,10 @@
     .venv/bin/python scripts/fuzz.py [--cases 100000] [--seed 1] [--out tests/fuzz/regressions]
     .venv/bin/python scripts/fuzz.py --replay          # re-run every saved regression
     .venv/bin/python scripts/fuzz.py --write-seeds DIR # the seed images, as files
+    .venv/bin/python scripts/fuzz.py --only qcow2      # mutate only the qcow2 seeds
 
-Seeds are small images built from the real fixtures (tests/fuzz/seeds.py); each case stacks
+Seeds are small images built from the real fixtures (tests/fuzz/seeds.py) and real qcow2 disks
+with internal snapshots (tests/data/qcow2/, tests/fuzz/qcow2.py); each case stacks
 structure-aware mutations (tests/fuzz/mutate.py) and goes through every way of opening and
 reading an image (tests/fuzz/harness.py). A failure whose signature is new is shrunk and saved
 as ``<out>/<sha>.bin`` + ``.json``: tests/test_fuzz.py replays everything saved there.
