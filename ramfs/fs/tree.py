@@ -120,7 +120,9 @@ class DirNode(Node):
     path: str | None = None  # directory mode: the image file behind this directory
     fd: int | None = None  # directory mode: that file, opened at listing, until populated
     writable: bool = False  # convert/: the backing directory's mode as it is, write bits too
-    snapshot: str | None = None  # a qcow2 disk's internal snapshot: the image is its VM state
+    # A qcow2 disk's internal snapshot (its index in the snapshot table: names and ids may
+    # collide, a name with another's id): the image is its VM state.
+    snapshot: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -373,7 +375,7 @@ class Tree:
             if name in top.children:
                 name += b"%@" + sn.id.encode()
             self._link(top, DirNode(self.new_inode(), name, sn.date_sec * 10**9 + sn.date_nsec, d.owner,
-                                    pending=True, dynamic=True, path=path, fd=os.dup(fd), snapshot=sn.id))
+                                    pending=True, dynamic=True, path=path, fd=os.dup(fd), snapshot=sn.index))
         return len(snaps)
 
     def refresh_owners(self) -> None:
