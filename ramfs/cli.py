@@ -95,31 +95,39 @@ def _scan_bar(quiet: bool = False) -> Progress:
     return Progress(None, "scanning", enabled=False if quiet else None)
 
 
-def _facts(path: str, quiet: bool = False, placement: Placement | None = None,
-           snapshot: str | None = None) -> dict[str, Any]:
+def _facts(args: argparse.Namespace, path: str, placement: Placement | None = None) -> dict[str, Any]:
     from ramfs.image import open_image
     from ramfs.image.describe import describe
 
-    bar = _scan_bar(quiet)
+    bar = _scan_bar(args.quiet)
     try:
-        with open_image(path, reads=False, progress=bar.scanned, snapshot=snapshot, cache=_cache_policy()) as img:
+        with open_image(path, reads=False, progress=bar.scanned, snapshot=args.snapshot,
+                        cache=_cache_policy(args)) as img:
             return describe(img, placement=placement)
     finally:
         bar.done()
 
 
-def _info_facts(path: str, quiet: bool, placement: Placement, snapshot: str | None) -> dict[str, Any]:
-    """``_facts``, or for a qcow2 disk named without ``--snapshot``, the disk and its snapshots."""
-    from ramfs.image.describe import describe_qcow2, is_qcow2_disk
+def _whole_qcow2_disk(path: str, snapshot: str | None) -> bool:
+    """A qcow2 disk named without ``--snapshot``: info and check then take all its snapshots.
+    A path that cannot be read is not one; opening it as an image says what is wrong."""
+    from ramfs.image.describe import is_qcow2_disk
 
-    if snapshot is None:
-        try:
-            qcow2 = is_qcow2_disk(path)
-        except RamfsError:
-            qcow2 = False  # _facts says what is wrong with the path
-        if qcow2:
-            return describe_qcow2(path, placement)
-    return _facts(path, quiet, placement, snapshot)
+    if snapshot is not None:
+        return False
+    try:
+        return is_qcow2_disk(path)
+    except RamfsError:
+        return False
+
+
+def _info_facts(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    """``_facts``, or for a qcow2 disk named without ``--snapshot``, the disk and its snapshots."""
+    from ramfs.image.describe import describe_qcow2
+
+    if _whole_qcow2_disk(path, args.snapshot):
+        return describe_qcow2(path, _placement(args), cache=_cache_policy(args))
+    return _facts(args, path, _placement(args))
 
 
 def _clock(nsec: int) -> str:
@@ -166,7 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         status = EXIT_OK
         for path in args.image:
             try:
-                line = _info_facts(path, args.quiet, _placement(args), args.snapshot)
+                line = _info_facts(args, path)
             except RamfsError as e:
                 line = {"path": path, "error": _utf8(str(e))}
                 status = EXIT_ERROR
@@ -177,7 +185,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if n and not args.json:
             print()
         try:
-            facts = _info_facts(path, args.quiet, _placement(args), args.snapshot)
+            facts = _info_facts(args, path)
         except RamfsError as e:
             if len(args.image) == 1:
                 raise
@@ -237,7 +245,7 @@ def _print_info(facts: dict[str, Any]) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     """The RAM blocks, one line each like ``ls -l``: size, the bytes that hold data (the
     rest reads as zeros), and the block's idstr (``ram/`` of a mount shows them as files)."""
-    facts = _facts(args.image, args.quiet, snapshot=args.snapshot)
+    facts = _facts(args, args.image)
     rows = []
     for b in facts["blocks"]:
         size, used = b["used_length"], b["populated_bytes"]
@@ -298,14 +306,10 @@ def _mount_helper_line() -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ramfs.image.describe import check, check_qcow2, is_qcow2_disk
+    from ramfs.image.describe import check, check_qcow2
 
     warnings: list[str] = []
-    try:
-        qcow2 = args.snapshot is None and is_qcow2_disk(args.image)
-    except RamfsError:
-        qcow2 = False  # check says what is wrong with the path
-    if qcow2:
+    if _whole_qcow2_disk(args.image, args.snapshot):
         problems = check_qcow2(args.image, warnings=warnings, placement=_placement(args))
     else:
         problems = check(args.image, warnings=warnings, placement=_placement(args), snapshot=args.snapshot)
@@ -409,7 +413,7 @@ def _write_phys_view(args: argparse.Namespace, as_core: bool) -> int:
     bar = _scan_bar(args.quiet)
     try:
         img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot,
-                         cache=_cache_policy())
+                         cache=_cache_policy(args))
     finally:
         bar.done()
     with img:
@@ -456,7 +460,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     bar = _scan_bar(args.quiet)
     try:
         img = open_image(args.image, direct_io=args.direct_io, progress=bar.scanned, snapshot=args.snapshot,
-                         cache=_cache_policy())
+                         cache=_cache_policy(args))
     finally:
         bar.done()
     with img:
@@ -510,16 +514,11 @@ def cmd_core(args: argparse.Namespace) -> int:
 
 # -- the cache ------------------------------------------------------------------------------
 
-_invocation: list[argparse.Namespace] = []  # the parsed command line (main), for the cache options
-
-
-def _cache_policy(args: argparse.Namespace | None = None, own: dict[str, str | bool] | None = None) -> CachePolicy:
+def _cache_policy(args: argparse.Namespace, own: dict[str, str | bool] | None = None) -> CachePolicy:
     """--cache-dir, --no-cache, --rebuild-cache, --keep-cache, --cache-max (or their -o forms)
     of this command line."""
     from ramfs.image.cache import CachePolicy, parse_limit
 
-    if args is None:
-        args = _invocation[0] if _invocation else argparse.Namespace()
     own = own or {}
     directory = _value(own, "cache_dir") or getattr(args, "cache_dir", None)
     enabled = not (getattr(args, "no_cache", False) or bool(own.get("no_cache")))
@@ -579,8 +578,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                     raise RamfsError(failed[0])
                 line = _indexed(img)
         except RamfsError as e:
-            msg = str(e) if path in str(e) else f"{path}: {e}"  # most errors name the file already
-            print(f"ramfs: error: {_show(msg)}", file=sys.stderr)
+            print(f"ramfs: error: {_show(_naming(path, str(e)))}", file=sys.stderr)
             status = EXIT_ERROR
             continue
         if not args.quiet:
@@ -1070,7 +1068,6 @@ def main(argv: list[str] | None = None) -> int:
         # mount.fuse3 (mount -t fuse.ramfs, fstab) runs "ramfs SOURCE MOUNTPOINT -o OPTS".
         argv = ["mount", *argv]
     args = parser.parse_args(argv)
-    _invocation[:] = [args]
     from ramfs.memory import tune_malloc
     tune_malloc()
     if args.func is not cmd_mount:
@@ -1094,12 +1091,22 @@ def _about(args: argparse.Namespace, message: str) -> str:
     image = getattr(args, "image", None) or getattr(args, "src", None) or getattr(args, "source", None)
     if isinstance(image, list):
         image = image[0] if len(image) == 1 else None
+    if not isinstance(image, str):
+        return message
     others = [p for p in (getattr(args, "mountpoint", None), getattr(args, "dst", None),
                           getattr(args, "out", None)) if isinstance(p, str)]
-    if (isinstance(image, str) and image not in message and os.path.realpath(image) not in message
-            and not any(p in message or os.path.realpath(p) in message for p in others)):
-        return f"{image}: {message}"
-    return message
+    if any(_names(message, p) for p in others):
+        return message  # about the mountpoint or the output, which it names
+    return _naming(image, message)
+
+
+def _names(message: str, path: str) -> bool:
+    return path in message or os.path.realpath(path) in message
+
+
+def _naming(path: str, message: str) -> str:
+    """``path: message``, unless the message names the file already (most do)."""
+    return message if _names(message, path) else f"{path}: {message}"
 
 
 def mount_main() -> int:

@@ -11,6 +11,7 @@ converted by ramfs restores in QEMU with the disk reverted to it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -158,6 +159,12 @@ def test_info_lists_the_snapshots_as_qemu_img_does(disk):
     text = _ramfs("info", str(disk.path)).stdout
     for s in listing["snapshots"]:
         assert f"snapshot {s['name']} (id {s['id']}; --snapshot {s['name']}):" in text
+    # --no-cache holds for the whole disk too: every snapshot described, nothing written.
+    cache = disk.path.parent / "no-cache-here"
+    r = subprocess.run([sys.executable, "-m", "ramfs.cli", "info", "--json", "--no-cache", str(disk.path)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAMFS_CACHE_DIR": str(cache)})
+    assert r.returncode == 0 and json.loads(r.stdout)["snapshots"] == listing["snapshots"], r.stderr
+    assert not cache.exists()
     one = json.loads(_ramfs("info", "--json", "--snapshot", "job", str(disk.path)).stdout)
     jsonschema.validate(one, SCHEMA)
     assert one["qcow2_snapshot"]["name"] == "job" and one["path"] == f"{disk.path}@job"

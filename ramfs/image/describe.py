@@ -17,6 +17,7 @@ from ramfs.image.files import FileSource
 from ramfs.image.model import Device, Image, domain_identity, open_image
 
 if TYPE_CHECKING:
+    from ramfs.image.cache import CachePolicy
     from ramfs.image.phys import Placement
 
 INFO_SCHEMA_VERSION = 2
@@ -127,7 +128,8 @@ def is_qcow2_disk(path: str) -> bool:
         return is_qcow2(f.read_at(0, 4))
 
 
-def describe_qcow2(path: str, placement: Placement | None = None) -> dict[str, Any]:
+def describe_qcow2(path: str, placement: Placement | None = None,
+                   cache: CachePolicy | None = None) -> dict[str, Any]:
     """A qcow2 disk: its header and every internal snapshot, each snapshot with VM state
     described as a save image (``image``), or why it cannot be (``error``)."""
     with FileSource(path) as f:
@@ -139,7 +141,7 @@ def describe_qcow2(path: str, placement: Placement | None = None) -> dict[str, A
         facts: dict[str, Any] = {**_snapshot_facts(s), "image": None, "error": None}
         if s.vm_state_size:
             try:
-                with open_image(path, snapshot=s.index, reads=False) as img:
+                with open_image(path, snapshot=s.index, reads=False, cache=cache) as img:
                     facts["image"] = describe(img, placement=placement)
             except RamfsError as e:
                 facts["error"] = str(e)
