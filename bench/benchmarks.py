@@ -208,6 +208,7 @@ def readahead(ctx: Ctx) -> None:
                 r, p = median(samples["ramfs"][state]), median(samples["passthrough"][state])
                 rows.append({"image": f"{imgs.recipe.ram_gib} GiB {kind}", "readahead": label,
                              "bdi_kb": kb if kb is not None else 128, "state": state, "bytes": dense,
+                             "rounds": READAHEAD_ROUNDS,
                              "ramfs": r, "passthrough": p, "ratio_pt": r / p})
             log(f"readahead {kind} {label}: ramfs cold {median(samples['ramfs']['cold']):.2f} GB/s, "
                 f"passthrough cold {median(samples['passthrough']['cold']):.2f} GB/s")
