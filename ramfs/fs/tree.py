@@ -38,7 +38,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from ramfs.errors import ImageIOError, RamfsError
 from ramfs.format.libvirt import QEMU_SAVE_MAGIC, QEMU_SAVE_PARTIAL
-from ramfs.format.qcow2 import QCOW_MAGIC
+from ramfs.format.qcow2 import is_qcow2
 from ramfs.format.qemu import QEMU_VM_FILE_MAGIC_BYTES
 from ramfs.fs.convertdir import TMP_PREFIX, Conversion, ConvertManager
 from ramfs.fs.names import COLLISION_MARK, escape
@@ -336,7 +336,7 @@ class Tree:
             self.open_image_file(path)
         assert self._image_fd is not None  # open_image_file set it
         st = os.fstat(self._image_fd)  # the path may not be ours to stat (--user)
-        if os.pread(self._image_fd, 4, 0) == QCOW_MAGIC:
+        if is_qcow2(os.pread(self._image_fd, 4, 0)):
             # A qcow2 disk: its snapshots with VM state, each opened when first looked in.
             root = DirNode(self.new_inode(), b"", st.st_mtime_ns, Owner.of(st), dynamic=True)
             assert root.inode == ROOT_INODE
@@ -358,14 +358,9 @@ class Tree:
         """``snapshots/<name>/`` under ``d`` for each internal snapshot of the qcow2 file
         open as ``fd`` that has VM state (each pending, with a descriptor of its own); the
         number of them. The file is only read, never locked (docs/formats.md)."""
-        from ramfs.format.qcow2 import parse_header, parse_snapshots
-        from ramfs.image.files import FileSource
+        from ramfs.image.qcow2 import snapshots_with_state
 
-        src = FileSource(path, os.dup(fd))
-        try:
-            snaps = [sn for sn in parse_snapshots(src, parse_header(src)) if sn.vm_state_size]
-        finally:
-            src.close()
+        snaps = snapshots_with_state(path, os.dup(fd))
         if not snaps:
             return 0
         top = self.mkdir(d, b"snapshots", st.st_mtime_ns)
@@ -651,7 +646,7 @@ class Tree:
             head = os.pread(fd, 16, 0)
         except OSError:
             head = b""
-        if head[:4] == QCOW_MAGIC:
+        if is_qcow2(head):
             # A qcow2 disk shows when it has snapshots with VM state: snapshots/<name>/.
             d.pending = False
             try:

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ramfs import __version__
 from ramfs.errors import FormatError, RamfsError
-from ramfs.format.qcow2 import Snapshot, is_qcow2, parse_header, parse_snapshots
+from ramfs.format.qcow2 import Snapshot, is_qcow2
 from ramfs.image.files import FileSource
 from ramfs.image.model import Device, Image, domain_identity, open_image
+from ramfs.image.qcow2 import disk_snapshots, snapshots_with_state
 
 if TYPE_CHECKING:
     from ramfs.image.cache import CachePolicy
@@ -132,10 +133,7 @@ def describe_qcow2(path: str, placement: Placement | None = None,
                    cache: CachePolicy | None = None) -> dict[str, Any]:
     """A qcow2 disk: its header and every internal snapshot, each snapshot with VM state
     described as a save image (``image``), or why it cannot be (``error``)."""
-    with FileSource(path) as f:
-        h = parse_header(f)
-        snaps = parse_snapshots(f, h)
-        size = f.size
+    h, snaps, size = disk_snapshots(path)
     out = []
     for s in snaps:
         facts: dict[str, Any] = {**_snapshot_facts(s), "image": None, "error": None}
@@ -166,12 +164,10 @@ def check_qcow2(path: str, warnings: list[str] | None = None, placement: Placeme
     """``check`` of every snapshot with VM state of a qcow2 disk (problems prefixed with the
     snapshot's name); the disk's header and snapshot table first."""
     try:
-        with FileSource(path) as f:
-            snaps = parse_snapshots(f, parse_header(f))
+        with_state = snapshots_with_state(path)
     except RamfsError as e:
         return [str(e)]
     problems: list[str] = []
-    with_state = [s for s in snaps if s.vm_state_size]
     if not with_state:
         return ["no snapshot with VM state (only disk snapshots, or none): nothing to check"]
     for s in with_state:

@@ -21,6 +21,7 @@ from ramfs import __version__
 from ramfs.errors import (CacheError, FormatError, ImageIOError, NotAnImageError, RamfsError, TruncatedError,
                           UnsupportedError)
 from ramfs.format.libvirt import LIBVIRT_HEADER_SIZE, LibvirtMetadata, SaveFormat, is_libvirt_magic, parse_metadata
+from ramfs.format.qcow2 import is_qcow2
 from ramfs.format.qemu import (CAP_MAPPED_RAM, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, RamBlockRecord, StreamLayout,
                                count_bits, is_qemu_magic, parse_configuration, parse_stream, set_runs)
 from ramfs.format.source import ForwardSource, Source
@@ -478,7 +479,7 @@ def _open(path: str, src: ImageFile, policy: CachePolicy, reads: bool, allow_par
         if fmt.compressed:
             return _open_compressed(path, src, meta, policy, reads, warnings, progress, origin)
     elif not is_qemu_magic(head):
-        if head[:4] == b"QFI\xfb":
+        if is_qcow2(head):
             from ramfs.image.qcow2 import needs_snapshot_error
             raise needs_snapshot_error(path)
         if len(head) < 4:

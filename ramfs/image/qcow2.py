@@ -339,11 +339,17 @@ def needs_snapshot_error(path: str) -> NotAnImageError:
                            f"(--snapshot NAME; snapshots with VM state: {names})")
 
 
-def snapshots_with_state(path: str | os.PathLike[str]) -> list[Snapshot]:
-    """The snapshots of a qcow2 file that have VM state (what a mount shows)."""
-    with FileSource(os.fspath(path)) as f:
+def disk_snapshots(path: str | os.PathLike[str], fd: int | None = None) -> tuple[Qcow2Header, list[Snapshot], int]:
+    """A qcow2 file's header, its whole snapshot table and its size (``fd``: the file already
+    open, taken over and closed)."""
+    with FileSource(os.fspath(path), fd) as f:
         h = parse_header(f)
-        return [s for s in parse_snapshots(f, h) if s.vm_state_size]
+        return h, parse_snapshots(f, h), f.size
 
 
-__all__ = ["VmstateSource", "WouldBlock", "needs_snapshot_error", "snapshots_with_state"]
+def snapshots_with_state(path: str | os.PathLike[str], fd: int | None = None) -> list[Snapshot]:
+    """The snapshots of a qcow2 file that have VM state (what a mount shows)."""
+    return [s for s in disk_snapshots(path, fd)[1] if s.vm_state_size]
+
+
+__all__ = ["VmstateSource", "WouldBlock", "disk_snapshots", "needs_snapshot_error", "snapshots_with_state"]
