@@ -104,9 +104,10 @@ def test_umount_of_a_plain_directory_says_not_mounted(tmp_path):
 
 
 def test_mount_fstype_reads_mountinfo():
-    from ramfs.fs.daemon import _mount_fstype, _unescape_mountinfo
+    from ramfs.fs.daemon import _mount_fstype
+    from ramfs.fs.mountinfo import _unescape
 
-    assert _unescape_mountinfo(rb"/a\040b\011c\134d") == b"/a b\tc\\d"
+    assert _unescape(rb"/a\040b\011c\134d") == b"/a b\tc\\d"
     assert _mount_fstype("/proc") == "proc"
     assert _mount_fstype("/proc/self") is None
 

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ramfs.errors import RamfsError
+from ramfs.fs.mountinfo import top_mount
 from ramfs.fs.readahead import DEFAULT_READAHEAD_KB, open_readahead, set_readahead
 
 if TYPE_CHECKING:
@@ -524,31 +525,11 @@ def _setup_logging(debug: bool, foreground: bool, log_file: str | None, journal:
 RAMFS_FSTYPE = f"fuse.{FSNAME_PREFIX}"
 
 
-def _unescape_mountinfo(field: bytes) -> bytes:
-    """A /proc/self/mountinfo field with its octal escapes (``\\040`` for a space) undone."""
-    import re
-
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), field)
-
-
 def _mount_fstype(mountpoint: str) -> str | None:
     """The file system type of the mount on top at ``mountpoint`` (e.g. ``fuse.ramfs``,
     ``tmpfs``), or None if nothing is mounted there."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    target = os.fsencode(mountpoint)
-    found = None
-    for line in lines:
-        head, sep, tail = line.partition(b" - ")
-        fields = head.split(b" ")
-        if not sep or len(fields) < 5 or not tail:
-            continue
-        if _unescape_mountinfo(fields[4]) == target:
-            found = os.fsdecode(_unescape_mountinfo(tail.split(b" ")[0]))  # the last one is on top
-    return found
+    entry = top_mount(mountpoint)
+    return entry.fstype if entry is not None else None
 
 
 def umount(mountpoint: str, *, timeout: float = 30.0) -> int:

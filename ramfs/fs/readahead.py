@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 
+from ramfs.fs.mountinfo import top_mount
+
 log = logging.getLogger("ramfs")
 
 # 1 MiB: every READ is then as large as FUSE allows (max_pages = 256 pages); larger windows
@@ -28,33 +30,10 @@ log = logging.getLogger("ramfs")
 DEFAULT_READAHEAD_KB = 1024
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo (octal).
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_device(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """``MAJ:MIN`` of the last mount on ``mountpoint`` (the one on top), from mountinfo:
-    not ``stat``, which on a FUSE mount not yet served would wait for ourselves."""
-    found = None
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                    found = fields[2]
-    except OSError:
-        return None
-    return found
+    """``MAJ:MIN`` of the mount on top at ``mountpoint``."""
+    entry = top_mount(mountpoint, mountinfo)
+    return entry.device if entry is not None else None
 
 
 def open_readahead(mountpoint: str) -> int | None:
