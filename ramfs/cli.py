@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -361,10 +360,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.I)
-    if not m:
-        raise RamfsError(f"not a size: {text!r} (e.g. 2G, 3072M)")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2).upper()]
+    from ramfs.image.cache import parse_size
+
+    return parse_size(text, "e.g. 2G, 3072M")
 
 
 @contextlib.contextmanager
@@ -1077,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except RamfsError as e:
-        print(f"ramfs: error: {_show(_about(args, str(e)))}", file=sys.stderr)
+        print(f"ramfs: error: {_show(_about(args, e))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -1085,10 +1083,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _about(args: argparse.Namespace, message: str) -> str:
-    """The message, naming the image it is about when it does not already (a truncation
-    found deep in the parser knows the offset, not the file)."""
+def _about(args: argparse.Namespace, error: RamfsError) -> str:
+    """The message, naming the image when the error is about its bytes and does not name it
+    already (a truncation found deep in the parser knows the offset, not the file); a bad
+    option or an I/O error says what it is about itself."""
+    from ramfs.errors import FormatError
+
+    message = str(error)
     image = getattr(args, "image", None) or getattr(args, "src", None) or getattr(args, "source", None)
+    if not isinstance(error, FormatError):
+        return message
     if isinstance(image, list):
         image = image[0] if len(image) == 1 else None
     if not isinstance(image, str):

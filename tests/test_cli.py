@@ -133,3 +133,6 @@ def test_errors_name_the_file_they_are_about(tmp_path, mutable):
                        (tmp_path / "missing.save", "No such file or directory")):
         r = ramfs("info", str(path))
         assert r.returncode == 2 and r.stderr.count(str(path)) == 1 and says in r.stderr, r.stderr
+    # A bad option is about the option, not the file.
+    r = ramfs("phys", "--below-4g", "2X", str(fixture_path("firmware/pc-sequential.img")), str(tmp_path / "p"))
+    assert (r.returncode, r.stderr) == (2, "ramfs: error: not a size: '2X' (e.g. 2G, 3072M)\n")

@@ -112,10 +112,11 @@ class CachePolicy:
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, examples: str = "e.g. 20G, 512M, or 30% of the space the cache could use") -> int:
+    """``2G``, ``3072M``, ``512KiB``, ``4096`` -> bytes (the command line's sizes too)."""
     m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.I)
     if not m:
-        raise RamfsError(f"not a size: {text!r} (e.g. 20G, 512M, or 30% of the space the cache could use)")
+        raise RamfsError(f"not a size: {text!r} ({examples})")
     return int(m.group(1)) << _UNITS[m.group(2).upper()]
 
 
